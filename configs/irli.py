@@ -1,0 +1,90 @@
+"""IRLI presets: `--config=configs/irli.py:NAME` with NAME one of the keys of PRESETS.
+
+Published settings (DESIGN.md): BLISS ANN B=4096, R=4, K=2, hidden 512, 20
+epochs; IRLI XMC B=3000, R=16-32, K=10. The presets here are scaled to run on
+a 2-core CPU; override any field with `--config.model.n_buckets=4096` etc.
+"""
+import ml_collections
+
+from jaxidx.config import base_config, preset
+
+
+def _irli(data: str) -> ml_collections.ConfigDict:
+    c = base_config("irli", data)
+    c.model = ml_collections.ConfigDict()
+    c.model.n_reps = 4          # R independent networks
+    c.model.n_buckets = 256     # B
+    c.model.hidden = (256,)     # d -> hidden (ReLU) -> B
+    c.model.init_std = 0.05     # truncated-normal std of the original; 0 = lecun normal
+    c.model.loss = "bce"        # 'bce' (per-bucket sigmoid) or 'softmax' (CE on normalised targets)
+    c.partition = ml_collections.ConfigDict()
+    c.partition.top_k = 2               # K candidate buckets per item in the load-balanced pass
+    c.partition.repartition_every = 5   # epochs; 0 = never
+    c.partition.final_repartition = False  # also re-partition after the last epoch
+    c.partition.order = "random"        # item order of the greedy pass: 'index' or 'random'
+    c.partition.capacity_factor = 0.0   # > 0: cap buckets at factor * N / B items
+    c.train.knn_k = 10                  # ANN: neighbours per training point (its labels)
+    c.train.max_train_points = 0        # ANN: train on a seeded sample of the base (0 = all)
+    return c
+
+
+def tiny():
+    c = _irli("synthetic-ann:n=3000,q=200,d=16,clusters=30,seed=0")
+    c.model.update(n_reps=2, n_buckets=16, hidden=(32,))
+    c.train.update(epochs=4, batch_size=128, log_every=10)
+    c.partition.repartition_every = 2
+    c.search.settings = [{"m": 1, "min_count": 1}, {"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}]
+    return c
+
+
+def tiny_xmc():
+    c = _irli("synthetic-xmc:n=2000,test=300,features=300,labels=100,seed=0")
+    c.model.update(n_reps=3, n_buckets=16, hidden=(32,))
+    c.train.update(epochs=4, batch_size=128, log_every=10)
+    c.partition.update(repartition_every=2, top_k=4)
+    c.search.settings = [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}, {"mode": "mach"}]
+    return c
+
+
+def glove_small():
+    """The README's main job: 100K GloVe base vectors, about 10 minutes on 2 cores."""
+    c = _irli("glove-6b-50d:base=100000,queries=2000")
+    c.model.update(n_reps=4, n_buckets=256, hidden=(256,))
+    c.train.update(epochs=6, batch_size=512, log_every=50)
+    c.partition.repartition_every = 2
+    c.search.settings = [{"m": m, "min_count": mc} for m in (2, 4, 8, 16) for mc in (1, 2)]
+    return c
+
+
+def glove():
+    """Full canonical GloVe 6B 50d split (390K base, 10K queries)."""
+    c = _irli("glove-6b-50d")
+    c.model.update(n_reps=4, n_buckets=1024, hidden=(256,))
+    c.train.update(epochs=10, batch_size=1024, log_every=50, max_train_points=200000)
+    c.partition.repartition_every = 2
+    c.search.settings = [{"m": m, "min_count": mc} for m in (4, 8, 16, 32) for mc in (1, 2)]
+    return c
+
+
+def _xmc(data, n_reps, n_buckets, top_k, hidden=256, epochs=20):
+    c = _irli(data)
+    c.model.update(n_reps=n_reps, n_buckets=n_buckets, hidden=(hidden,))
+    c.train.update(epochs=epochs, batch_size=256)
+    c.partition.update(top_k=top_k, repartition_every=5)
+    c.search.settings = [{"m": m, "min_count": 1} for m in (2, 5, 10)] + [{"mode": "mach"}]
+    return c
+
+
+PRESETS = {
+    "tiny": tiny,
+    "tiny-xmc": tiny_xmc,
+    "glove-small": glove_small,
+    "glove": glove,
+    "bibtex": lambda: _xmc("bibtex", n_reps=8, n_buckets=32, top_k=4),
+    "delicious": lambda: _xmc("delicious", n_reps=8, n_buckets=64, top_k=5),
+    "debian-depends": lambda: _xmc("debian-depends", n_reps=8, n_buckets=1000, top_k=10),
+}
+
+
+def get_config(arg=None):
+    return preset(PRESETS, arg, "tiny")

@@ -1,0 +1,300 @@
+"""IRLI: R router networks over B buckets, items iteratively re-partitioned to the
+buckets the networks prefer, load-balanced (Gupta et al., IRLI; BLISS for ANN).
+
+Items are labels (XMC) or base vectors (ANN; each base vector is a label whose
+positives are the training points it is a true neighbour of).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxidx import search as kernels
+from jaxidx.data.types import ANNData, XMCData
+from jaxidx.methods.common import SearchResult, route_topm, validate_common
+from jaxidx.models.router import RepeatedMLP, affine_head
+from jaxidx.partition import Partition, bucket_stats, hash_assignment
+from jaxidx.train import batches as B_
+from jaxidx.train import mesh as mesh_lib
+
+log = logging.getLogger(__name__)
+
+
+def bucket_targets(assign: jax.Array, labels: jax.Array, n_buckets: int) -> jax.Array:
+    """Multi-hot bucket targets [b, R, B]: bucket is 1 if it holds a true label of the example.
+
+    `assign` [R, N] int32, `labels` [b, Lmax] int32 padded with -1.
+    """
+    mask = labels >= 0
+    buckets = jnp.take(assign, jnp.where(mask, labels, 0), axis=1)  # [R, b, Lmax]
+    b, _ = labels.shape
+    R = assign.shape[0]
+    bi = jnp.arange(b)[None, :, None]
+    ri = jnp.arange(R)[:, None, None]
+    t = jnp.zeros((b, R, n_buckets), jnp.float32)
+    return t.at[bi, ri, buckets].max(jnp.broadcast_to(mask[None], buckets.shape).astype(jnp.float32))
+
+
+def bucket_loss(logits: jax.Array, targets: jax.Array, weight: jax.Array, kind: str) -> jax.Array:
+    """Per-example weighted loss, averaged over examples (and buckets for BCE), summed over R.
+
+    bce: per-bucket sigmoid BCE averaged over B (the original IRLI loss);
+    softmax: cross-entropy against the normalised multi-hot target.
+    """
+    if kind == "bce":
+        per = optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1)  # [b, R]
+    elif kind == "softmax":
+        norm = targets / jnp.maximum(targets.sum(-1, keepdims=True), 1.0)
+        per = optax.softmax_cross_entropy(logits, norm)
+    else:
+        raise ValueError(f"model.loss: unknown {kind!r}; valid: bce, softmax")
+    return (per.sum(-1) * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+
+def validate_config(config, n_items: int) -> None:
+    m, p = config.model, config.partition
+    validate_common(config)
+    if m.n_buckets < 2:
+        raise ValueError(f"model.n_buckets: must be >= 2, got {m.n_buckets}")
+    if m.n_reps < 1:
+        raise ValueError(f"model.n_reps: must be >= 1, got {m.n_reps}")
+    if not 1 <= p.top_k <= m.n_buckets:
+        raise ValueError(f"partition.top_k: must be in [1, model.n_buckets={m.n_buckets}], got {p.top_k}")
+    if p.order not in ("index", "random"):
+        raise ValueError(f"partition.order: must be 'index' or 'random', got {p.order!r}")
+    if p.capacity_factor and p.capacity_factor * (n_items / m.n_buckets) * m.n_buckets < n_items:
+        raise ValueError(f"partition.capacity_factor: {p.capacity_factor} < 1 cannot hold all {n_items} items")
+    if p.repartition_every < 0:
+        raise ValueError(f"partition.repartition_every: must be >= 0, got {p.repartition_every}")
+    if m.loss not in ("bce", "softmax"):
+        raise ValueError(f"model.loss: unknown {m.loss!r}; valid: bce, softmax")
+    for s in config.search.settings:
+        if not 1 <= s["m"] <= m.n_buckets:
+            raise ValueError(f"search.settings: m={s['m']} must be in [1, model.n_buckets={m.n_buckets}]")
+        if not 1 <= s.get("min_count", 1) <= m.n_reps:
+            raise ValueError(f"search.settings: min_count={s['min_count']} must be in [1, model.n_reps={m.n_reps}]")
+
+
+class IRLI:
+    """Trainable IRLI on XMC or ANN data; `index(params, aux)` gives the searchable index."""
+
+    name = "irli"
+
+    def __init__(self, config, data, mesh):
+        self.config, self.data, self.mesh = config, data, mesh
+        self.task = data.task
+        if isinstance(data, XMCData):
+            self.inputs = B_.pad_sparse_rows(data.X_train)
+            self.labels = B_.pad_label_lists(data.Y_train)
+            self.n_items, self.n_features, self.in_dim = data.n_labels, data.n_features, data.n_features
+        elif isinstance(data, ANNData):
+            from jaxidx.data import knn_labels
+            pts = _train_points(data, config)
+            self.inputs = data.base[pts]
+            # Each training point's k true neighbours among the base (itself included).
+            self.labels = B_.pad_label_lists(
+                knn_labels(self.inputs, data.base, config.train.knn_k, data.metric), config.train.knn_k)
+            self.n_items, self.n_features, self.in_dim = data.n_items, 0, data.dim
+        else:
+            raise TypeError(f"IRLI: unsupported data {type(data).__name__}")
+        validate_config(config, self.n_items)
+        m = config.model
+        self.model = RepeatedMLP(m.n_reps, tuple(m.hidden), m.n_buckets, self.n_features, m.init_std)
+        self.n_train = self.labels.shape[0]
+        self.batch_size = config.train.batch_size
+        self.steps_per_epoch = B_.steps_per_epoch(self.n_train, self.batch_size)
+        self._hidden_fn = jax.jit(lambda p, x: self.model.apply(p, x)[0])
+        self._route = jax.jit(partial(route_topm, self.model.apply, kind=m.loss), static_argnames="m")
+
+    # --- Trainable -------------------------------------------------------------------------------
+    def init(self, rng):
+        params = self.model.init(rng, B_.take(self.inputs, np.arange(1)))
+        m = self.config.model
+        return params, {"assign": hash_assignment(self.n_items, m.n_reps, m.n_buckets)}
+
+    def optimizer(self, total_steps):
+        return optax.adam(self.config.train.learning_rate)
+
+    def loss(self, params, batch, aux, rng):
+        _, logits = self.model.apply(params, batch["x"])
+        targets = bucket_targets(aux["assign"], batch["labels"], self.config.model.n_buckets)
+        loss = bucket_loss(logits, targets, batch["weight"], self.config.model.loss)
+        return loss, {}
+
+    def batch(self, epoch, index):
+        order = B_.epoch_order(self.n_train, self.config.seed, epoch)
+        rows, weight = B_.batch_rows(order, index, self.batch_size)
+        return {"x": B_.take(self.inputs, rows), "labels": self.labels[rows], "weight": weight}
+
+    def device_aux(self, aux):
+        return {"assign": aux["assign"]}
+
+    def leaf_spec(self, leaf):
+        mp = self.mesh.shape[mesh_lib.MODEL]
+        if mp > 1 and getattr(leaf, "ndim", 0) >= 1 and leaf.shape[0] == self.config.model.n_reps:
+            return P(mesh_lib.MODEL)
+        return P()
+
+    def shapes(self):
+        m = self.config.model
+        return {"n_items": self.n_items, "in_dim": self.in_dim, "n_reps": m.n_reps,
+                "n_buckets": m.n_buckets, "hidden": list(m.hidden)}
+
+    def end_of_epoch(self, epoch, params, aux):
+        p, epochs = self.config.partition, self.config.train.epochs
+        if not p.repartition_every or epoch % p.repartition_every or (epoch >= epochs and not p.final_repartition):
+            return aux, {}
+        assign = self.repartition(params, aux["assign"], epoch)
+        stats = bucket_stats(Partition.from_assignment(assign, self.config.model.n_buckets).sizes())
+        moved = float((assign != aux["assign"]).mean())
+        log.info("epoch %d re-partition: moved %.3f of items; bucket sizes %s", epoch, moved, stats)
+        return {"assign": assign}, dict(stats, moved=moved)
+
+    # --- re-partitioning -------------------------------------------------------------------------
+    def repartition(self, params, assign: np.ndarray, epoch: int) -> np.ndarray:
+        """Top-K buckets per item's representative, then one greedy load-balanced pass."""
+        p, m = self.config.partition, self.config.model
+        K = p.top_k
+        if self.task == "xmc":
+            cand, seen = self._label_topk(params, K)
+        else:
+            cand, seen = self._item_topk(params, K), np.ones(self.n_items, bool)
+        # Items with no representative (labels never seen in training) stay where they are.
+        cand[:, ~seen, 0] = assign[:, ~seen]
+        cand[:, ~seen, 1:] = -1
+        order = None
+        if p.order == "random":
+            rng = np.random.default_rng([self.config.seed, epoch, 1])
+            order = np.stack([rng.permutation(self.n_items) for _ in range(m.n_reps)]).astype(np.int64)
+        capacity = int(np.ceil(p.capacity_factor * self.n_items / m.n_buckets)) if p.capacity_factor else 0
+        return kernels.balanced_assign(cand, m.n_buckets, order=order, capacity=capacity)
+
+    def _label_topk(self, params, K):
+        """XMC representatives: sum of router logits over each label's training examples.
+
+        The head is affine, so this is (sum of hidden activations) @ W + n_l * b:
+        hidden sums are accumulated per batch as Y_batch^T @ H_batch (sparse x dense,
+        O(L x R x H) memory), and logits are formed only for chunks of labels, so no
+        [L, B] matrix is ever stored.
+        """
+        R, H = self.config.model.n_reps, self.config.model.hidden[-1]
+        L, bs = self.n_items, self.config.search.query_batch
+        Y = self.data.Y_train.tocsr()
+        h_sum = np.zeros((L, R * H), np.float32)
+        for s in range(0, self.n_train, bs):  # every example, the last partial batch included
+            rows = np.arange(s, min(s + bs, self.n_train))
+            h = np.asarray(self._hidden_fn(params, B_.take(self.inputs, rows))).reshape(len(rows), R * H)
+            h_sum += np.asarray(Y[rows].T @ h, np.float32)
+        counts = np.asarray(Y.getnnz(axis=0), np.float32)
+
+        @jax.jit
+        def topk(hs, n):
+            return jax.lax.top_k(affine_head(params, jnp.moveaxis(hs.reshape(-1, R, H), 1, 0), n), K)[1]
+
+        chunk = max(1, (1 << 24) // (R * self.config.model.n_buckets))
+        cand = np.concatenate([np.asarray(topk(h_sum[s:s + chunk], counts[s:s + chunk]))
+                               for s in range(0, L, chunk)], axis=1).astype(np.int32)
+        return cand, counts > 0
+
+    def _item_topk(self, params, K):
+        """ANN representatives: the router's top-K buckets for each base vector itself."""
+        bs = self.config.search.query_batch
+        out = []
+        for s in range(0, self.n_items, bs):
+            ids, _ = self._route(params, self.data.base[s:s + bs], m=K)
+            out.append(np.asarray(ids))
+        return np.ascontiguousarray(np.concatenate(out, axis=0).transpose(1, 0, 2)).astype(np.int32)
+
+    # --- search ----------------------------------------------------------------------------------
+    def index(self, params, aux) -> "IRLIIndex":
+        return IRLIIndex(self, params, Partition.from_assignment(aux["assign"], self.config.model.n_buckets),
+                         aux["assign"])
+
+
+@dataclasses.dataclass
+class IRLIIndex:
+    """A trained IRLI router with the partition it was trained against."""
+
+    method: IRLI
+    params: dict
+    partition: Partition
+    assign: np.ndarray
+
+    def route(self, queries, m: int):
+        """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device)."""
+        bs = self.method.config.search.query_batch
+        n = _n_rows(queries)
+        ids, scores = [], []
+        for s in range(0, n, bs):
+            i, p = self.method._route(self.params, _slice_rows(queries, s, s + bs), m=m)
+            ids.append(np.asarray(i))
+            scores.append(np.asarray(p))
+        return np.concatenate(ids), np.concatenate(scores)
+
+    def search(self, queries, setting: dict, k: int) -> SearchResult:
+        mode = setting.get("mode", "topk")
+        if mode == "mach":
+            return self._search_mach(queries, k)
+        ids, scores = self.route(queries, setting["m"])
+        min_count = setting.get("min_count", 1)
+        n_threads = self.method.config.search.n_threads
+        if self.method.task == "xmc":
+            top, _, _, n_cand = kernels.merge_topk(ids, scores, self.partition.offsets, self.partition.members,
+                                                   None, k, min_count, "sum", self.partition.members.shape[1],
+                                                   n_threads)
+            return SearchResult(ids=top, n_candidates=n_cand)
+        budget = setting.get("max_candidates") or self.partition.max_bucket_size() * ids.shape[1] * ids.shape[2]
+        cand, _, _, n_cand = kernels.merge_topk(ids, scores, self.partition.offsets, self.partition.members, None,
+                                                budget, min_count, "sum", self.partition.members.shape[1],
+                                                n_threads)
+        data = self.method.data
+        top, dist, n_unique = kernels.rerank_topk(_dense(queries), data.base, cand, k, data.kernel_metric,
+                                                  n_threads)
+        return SearchResult(ids=top, n_candidates=n_unique, dist=dist)
+
+    def _search_mach(self, queries, k: int) -> SearchResult:
+        """Exhaustive MACH estimator: every label scored by the sum over r of its bucket's logit."""
+        assign = jnp.asarray(self.assign)
+        apply = self.method.model.apply
+
+        @jax.jit
+        def scores_topk(params, x):
+            _, logits = apply(params, x)  # [b, R, B]
+            per_rep = jax.vmap(lambda lg, a: jnp.take(lg, a, axis=-1), in_axes=(1, 0))(logits, assign)
+            return jax.lax.top_k(per_rep.sum(0), k)[1]
+
+        bs = self.method.config.search.query_batch
+        n = _n_rows(queries)
+        top = np.concatenate([np.asarray(scores_topk(self.params, _slice_rows(queries, s, s + bs)))
+                              for s in range(0, n, bs)]).astype(np.int32)
+        return SearchResult(ids=top, n_candidates=np.full(n, self.assign.shape[1], np.int32))
+
+
+def _train_points(data: ANNData, config) -> np.ndarray:
+    """Base rows used as training points (all, or a seeded sample of train.max_train_points)."""
+    n = data.n_items
+    cap = config.train.max_train_points
+    if not cap or cap >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([config.seed, 7]).choice(n, cap, replace=False))
+
+
+def _n_rows(x) -> int:
+    return x["idx"].shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+def _slice_rows(x, s, e):
+    return {k: v[s:e] for k, v in x.items()} if isinstance(x, dict) else x[s:e]
+
+
+def _dense(x):
+    if isinstance(x, dict):
+        raise TypeError("ANN queries must be dense arrays")
+    return np.ascontiguousarray(x, np.float32)

@@ -1,0 +1,1 @@
+"""Pure-functional flax linen models (routers and encoders)."""

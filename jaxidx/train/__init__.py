@@ -1,0 +1,1 @@
+"""Shared training pieces: mesh and sharding, train state and step, checkpoints, logging, the loop."""

@@ -1,0 +1,65 @@
+"""Fixed-shape training batches from in-memory arrays.
+
+Every batch has the same shapes (one compile); the last partial batch of an
+epoch is filled with weight-0 rows so every example is used exactly once per
+epoch. The order of epoch e is a permutation seeded by (seed, e).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def pad_sparse_rows(X: sp.csr_matrix) -> dict:
+    """CSR [n, D] -> {'idx': int32 [n, F], 'val': float32 [n, F]}, F = max nnz per row (>= 1)."""
+    X = sp.csr_matrix(X)
+    n = X.shape[0]
+    lens = np.diff(X.indptr)
+    width = max(int(lens.max(initial=0)), 1)
+    idx = np.zeros((n, width), np.int32)
+    val = np.zeros((n, width), np.float32)
+    rows = np.repeat(np.arange(n), lens)
+    cols = np.arange(X.nnz) - np.repeat(X.indptr[:-1], lens)
+    idx[rows, cols] = X.indices
+    val[rows, cols] = X.data
+    return {"idx": idx, "val": val}
+
+
+def pad_label_lists(Y: sp.csr_matrix, width: int | None = None) -> np.ndarray:
+    """CSR labels [n, L] -> int32 [n, width] label ids padded with -1 (width = max labels per row)."""
+    Y = sp.csr_matrix(Y)
+    lens = np.diff(Y.indptr)
+    width = max(int(lens.max(initial=0)), 1) if width is None else width
+    out = np.full((Y.shape[0], width), -1, np.int32)
+    rows = np.repeat(np.arange(Y.shape[0]), lens)
+    cols = np.arange(Y.nnz) - np.repeat(Y.indptr[:-1], lens)
+    keep = cols < width
+    out[rows[keep], cols[keep]] = Y.indices[keep]
+    return out
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(n / batch_size))
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+def batch_rows(order: np.ndarray, index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of batch `index` in `order`, and their weights (0 for the filler rows of a partial batch)."""
+    rows = order[index * batch_size:(index + 1) * batch_size]
+    weight = np.ones(batch_size, np.float32)
+    if len(rows) < batch_size:
+        weight[len(rows):] = 0.0
+        rows = np.concatenate([rows, np.full(batch_size - len(rows), order[0], rows.dtype)])
+    return rows, weight
+
+
+def take(tree, rows: np.ndarray):
+    """Rows of every array in a (possibly nested) dict of arrays."""
+    if isinstance(tree, dict):
+        return {k: take(v, rows) for k, v in tree.items()}
+    return tree[rows]

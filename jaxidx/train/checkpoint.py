@@ -1,0 +1,109 @@
+"""Orbax checkpoints: the train state together with everything needed to use it.
+
+A checkpoint is one step directory holding `state` (params, optimizer state,
+step and the method's aux arrays, e.g. the partition the model was trained
+against) and `meta` (JSON: method, epoch, config, data fingerprint and shapes).
+Orbax writes into a temporary directory and renames it when complete, so a
+kill during a save never leaves a step that looks finished; a finished step
+that fails to restore (corrupted files) is skipped with a warning in favour of
+the previous good one. Arrays are saved in their global, mesh-independent form,
+so a checkpoint written on 8 devices restores on 1.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or one that does not fit the current model/data."""
+
+
+def _manager(workdir: str, max_to_keep: Optional[int] = 3, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+
+
+class Checkpointer:
+    """Save / restore (state, meta) pairs under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, max_to_keep: Optional[int] = 3, read_only: bool = False):
+        self.workdir = workdir
+        self._mngr = _manager(workdir, max_to_keep, read_only)
+
+    def steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict) -> None:
+        self._mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._mngr.wait_until_finished()
+
+    def read_meta(self, step: Optional[int] = None) -> tuple[int, dict]:
+        """Meta of `step` (default: the newest readable one)."""
+        for s in self._candidates(step):
+            try:
+                out = self._mngr.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                return s, dict(out["meta"])
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                self._skip(s, step, e)
+        raise CheckpointError(f"no readable checkpoint in {self.workdir}/checkpoints")
+
+    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[int, Any, dict]:
+        """Restore into the structure, dtypes and shardings of `abstract_state`.
+
+        Tries `step` (or the newest step, then older ones if it is corrupted).
+        """
+        for s in self._candidates(step):
+            try:
+                out = self._mngr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                return s, out["state"], dict(out["meta"])
+            except Exception as e:  # noqa: BLE001
+                if isinstance(e, CheckpointError):
+                    raise
+                self._skip(s, step, e)
+        raise CheckpointError(f"no restorable checkpoint in {self.workdir}/checkpoints")
+
+    def _candidates(self, step: Optional[int]) -> list[int]:
+        steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"step {step} not in {self.workdir}/checkpoints (have {steps})")
+            return [step]
+        return steps[::-1]
+
+    def _skip(self, s: int, asked: Optional[int], err: Exception) -> None:
+        if asked is not None:
+            raise CheckpointError(f"checkpoint step {s} in {self.workdir} cannot be restored: {err}") from err
+        log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
+                    s, self.workdir, type(err).__name__, err)
+
+    def close(self) -> None:
+        self._mngr.close()
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings for jax arrays) describing `tree`, for restore."""
+    def leaf(a):
+        if isinstance(a, jax.Array):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+        return a
+    return jax.tree.map(leaf, tree)
+
+
+def check_compatible(meta: dict, expected: dict, where: str) -> None:
+    """Refuse a checkpoint whose recorded shapes/data differ from the current ones, naming the field."""
+    for key, want in expected.items():
+        have = meta.get("shapes", {}).get(key)
+        if have is not None and have != want:
+            raise CheckpointError(
+                f"{where}: checkpoint has {key}={have} but the current data/config gives {key}={want}")

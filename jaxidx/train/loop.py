@@ -1,0 +1,198 @@
+"""The train loop shared by every method: epochs of jitted steps, end-of-epoch hooks
+(re-partitioning), checkpoints, resume, metrics and a clean stop on SIGTERM / Ctrl-C.
+
+Everything is derived from the global step: the epoch, the position in the
+epoch, the batch order (seeded by (seed, epoch)) and the PRNG key, so a run
+resumed from any checkpoint continues exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any, Optional, Protocol
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxidx.train import checkpoint as ckpt_lib
+from jaxidx.train import mesh as mesh_lib
+from jaxidx.train import state as state_lib
+from jaxidx.train.metrics_log import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+class Trainable(Protocol):
+    """What a method provides to `fit`. Model maths stays in pure functions."""
+
+    name: str
+    steps_per_epoch: int
+    batch_size: int
+
+    def init(self, rng: jax.Array) -> tuple[Any, dict]:
+        """Initial params and aux (host numpy arrays saved with the checkpoint, e.g. the partition)."""
+
+    def optimizer(self, total_steps: int) -> optax.GradientTransformation: ...
+
+    def loss(self, params, batch: dict, aux_device: Any, rng: jax.Array) -> tuple[jax.Array, dict]: ...
+
+    def batch(self, epoch: int, index: int) -> dict:
+        """Global batch `index` of `epoch` as numpy arrays of fixed shapes (deterministic)."""
+
+    def device_aux(self, aux: dict) -> Any:
+        """The part of aux the loss reads, as host arrays (placed replicated by the loop)."""
+
+    def end_of_epoch(self, epoch: int, params, aux: dict) -> tuple[dict, dict]:
+        """Hook after `epoch` epochs are done (e.g. re-partition). Returns (aux, scalars to log)."""
+
+    def leaf_spec(self, leaf) -> P:
+        """How a state leaf is laid out on the mesh (replicated unless split over 'model')."""
+
+    def shapes(self) -> dict:
+        """Model/data shapes recorded in checkpoints and checked on restore."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    params: Any
+    aux: dict
+    step: int
+    epoch: int
+    train_seconds: float
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised: Optional[int] = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.raised = signum
+        try:
+            old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not the main thread: no signal handling
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: str,
+        progress: bool = True) -> FitResult:
+    """Train `task` for `config.train.epochs`, resuming from `workdir` if it holds a checkpoint."""
+    tc = config.train
+    n_data = mesh_lib.data_size(mesh)
+    if task.batch_size % n_data:
+        raise ValueError(f"train.batch_size: {task.batch_size} is not divisible by the {n_data} data-parallel devices")
+    spe = task.steps_per_epoch
+    total = tc.epochs * spe
+    tx = task.optimizer(total)
+    params, aux = task.init(jax.random.key(config.seed))
+    state = state_lib.create(params, tx)
+    shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
+    state = jax.device_put(state, shardings)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
+    writer = MetricsWriter(workdir)
+    train_seconds = 0.0
+    if ckpt.steps():
+        step, restored, meta = ckpt.restore(ckpt_lib.abstract({"state": state, "aux": aux}))
+        _check_meta(meta, task, data_fingerprint, workdir)
+        state, aux = restored["state"], {k: np.asarray(v) for k, v in restored["aux"].items()}
+        train_seconds = float(meta.get("train_seconds", 0.0))
+        log.info("resumed %s from step %d (epoch %.2f)", workdir, step, step / spe)
+
+    def save(step: int):
+        meta = {"method": task.name, "step": step, "epoch": step / spe, "train_seconds": train_seconds,
+                "data_fingerprint": data_fingerprint, "shapes": task.shapes(), "config": config.to_dict()}
+        ckpt.save(step, {"state": state, "aux": aux}, _jsonable(meta))
+
+    step_fn = state_lib.make_train_step(task.loss, tx, mesh, shardings, config.seed)
+    aux_dev = mesh_lib.put_replicated(task.device_aux(aux), mesh)
+    step = int(state.step)
+    if step == 0 and not ckpt.steps():
+        save(0)  # the initial pair (hash partition + init params): evaluation works from step 0
+    stop = _StopFlag()
+    bar = _progress(progress, total, step)
+    interrupted = False
+    window, t_win, n_win = [], time.perf_counter(), 0
+    with stop.installed():
+        t0 = time.perf_counter()
+        while step < total:
+            epoch, index = divmod(step, spe)
+            state, metrics = step_fn(state, mesh_lib.put_batch(task.batch(epoch, index), mesh), aux_dev)
+            step += 1
+            window.append(metrics)
+            n_win += task.batch_size
+            if bar is not None:
+                bar.update(1)
+            if step % tc.log_every == 0 or step % spe == 0:
+                scalars = {k: np.mean([float(m[k]) for m in window]) for k in window[0]}
+                dt = time.perf_counter() - t_win
+                scalars["examples_per_second"] = n_win / max(dt, 1e-9)
+                writer.write(step, scalars, prefix="train/")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
+                window, t_win, n_win = [], time.perf_counter(), 0
+            if step % spe == 0:
+                aux, scalars = task.end_of_epoch(step // spe, state.params, aux)
+                aux_dev = mesh_lib.put_replicated(task.device_aux(aux), mesh)
+                if scalars:
+                    writer.write(step, scalars, prefix="partition/")
+            at_epoch_end = step % spe == 0
+            if at_epoch_end or (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) \
+                    or stop.raised is not None:
+                train_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                save(step)
+            if stop.raised is not None:
+                log.warning("signal %d: saved step %d in %s and stopped", stop.raised, step, workdir)
+                interrupted = True
+                break
+        train_seconds += time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    writer.close()
+    ckpt.close()
+    return FitResult(params=state.params, aux=aux, step=step, epoch=step // spe,
+                     train_seconds=train_seconds, interrupted=interrupted)
+
+
+def _check_meta(meta: dict, task: Trainable, fingerprint: str, workdir: str) -> None:
+    if meta.get("method") != task.name:
+        raise ckpt_lib.CheckpointError(
+            f"{workdir}: checkpoint was written by method {meta.get('method')!r}, not {task.name!r}")
+    if meta.get("data_fingerprint") != fingerprint:
+        raise ckpt_lib.CheckpointError(
+            f"{workdir}: checkpoint was trained on other data (fingerprint {meta.get('data_fingerprint')} "
+            f"vs {fingerprint}); use a new --workdir")
+    ckpt_lib.check_compatible(meta, task.shapes(), workdir)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
