@@ -23,6 +23,7 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.partition.final_repartition = False  # also re-partition after the last epoch
     c.partition.order = "random"        # item order of the greedy pass: 'index' or 'random'
     c.partition.capacity_factor = 0.0   # > 0: cap buckets at factor * N / B items
+    c.partition.center_scores = True    # rank buckets by logit minus the bucket's mean logit over items
     c.train.knn_k = 10                  # ANN: neighbours per training point (its labels)
     c.train.max_train_points = 0        # ANN: train on a seeded sample of the base (0 = all)
     return c

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import logging as pylogging
 import os
 
 import jax
@@ -24,7 +25,15 @@ def init_runtime() -> None:
             kwargs = dict(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
                           process_id=f.process_id)
         jax.distributed.initialize(**kwargs)
-    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    # Library INFO (orbax's per-save chatter) stays quiet; jaxidx's own progress shows on process 0.
+    logging.set_verbosity(logging.WARNING)
+    ours = pylogging.getLogger("jaxidx")
+    if jax.process_index() == 0 and not ours.handlers:
+        handler = pylogging.StreamHandler()
+        handler.setFormatter(pylogging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        ours.addHandler(handler)
+        ours.setLevel(pylogging.INFO)
+        ours.propagate = False
 
 
 def split_config_overrides(argv: list[str]) -> tuple[list[str], dict]:

@@ -73,8 +73,8 @@ def format_results(results: list[dict]) -> str:
     """A plain-text table of the results, one row per setting."""
     if not results:
         return "(no results)"
-    cols = list(results[0].keys())
-    rows = [[_fmt(r.get(c)) for c in cols] for r in results]
+    cols = list(dict.fromkeys(c for r in results for c in r))
+    rows = [[_fmt(r.get(c, "")) for c in cols] for r in results]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(s.rjust(w) for s, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(cols)] + [line(r) for r in rows])

@@ -7,6 +7,7 @@ positives are the training points it is a true neighbour of).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from functools import partial
 
@@ -92,14 +93,13 @@ class IRLI:
         self.task = data.task
         if isinstance(data, XMCData):
             self.inputs = B_.pad_sparse_rows(data.X_train)
-            self.labels = B_.pad_label_lists(data.Y_train)
+            self._labels = lambda: B_.pad_label_lists(data.Y_train)
             self.n_items, self.n_features, self.in_dim = data.n_labels, data.n_features, data.n_features
         elif isinstance(data, ANNData):
             from jaxidx.data import knn_labels
-            pts = _train_points(data, config)
-            self.inputs = data.base[pts]
+            self.inputs = data.base[_train_points(data, config)]
             # Each training point's k true neighbours among the base (itself included).
-            self.labels = B_.pad_label_lists(
+            self._labels = lambda: B_.pad_label_lists(
                 knn_labels(self.inputs, data.base, config.train.knn_k, data.metric), config.train.knn_k)
             self.n_items, self.n_features, self.in_dim = data.n_items, 0, data.dim
         else:
@@ -107,11 +107,16 @@ class IRLI:
         validate_config(config, self.n_items)
         m = config.model
         self.model = RepeatedMLP(m.n_reps, tuple(m.hidden), m.n_buckets, self.n_features, m.init_std)
-        self.n_train = self.labels.shape[0]
+        self.n_train = _n_rows(self.inputs)
         self.batch_size = config.train.batch_size
         self.steps_per_epoch = B_.steps_per_epoch(self.n_train, self.batch_size)
         self._hidden_fn = jax.jit(lambda p, x: self.model.apply(p, x)[0])
         self._route = jax.jit(partial(route_topm, self.model.apply, kind=m.loss), static_argnames="m")
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        """Padded label lists of the training points [n, Lmax]; computed on first use (training only)."""
+        return self._labels()
 
     # --- Trainable -------------------------------------------------------------------------------
     def init(self, rng):
@@ -182,21 +187,30 @@ class IRLI:
         The head is affine, so this is (sum of hidden activations) @ W + n_l * b:
         hidden sums are accumulated per batch as Y_batch^T @ H_batch (sparse x dense,
         O(L x R x H) memory), and logits are formed only for chunks of labels, so no
-        [L, B] matrix is ever stored.
+        [L, B] matrix is ever stored. With `partition.center_scores` each bucket's
+        mean logit over the training examples is subtracted (n_l times, i.e. the
+        hidden sums are centred), so a bucket's overall popularity does not decide
+        where labels go.
         """
         R, H = self.config.model.n_reps, self.config.model.hidden[-1]
         L, bs = self.n_items, self.config.search.query_batch
         Y = self.data.Y_train.tocsr()
         h_sum = np.zeros((L, R * H), np.float32)
+        h_total = np.zeros(R * H, np.float64)
         for s in range(0, self.n_train, bs):  # every example, the last partial batch included
             rows = np.arange(s, min(s + bs, self.n_train))
             h = np.asarray(self._hidden_fn(params, B_.take(self.inputs, rows))).reshape(len(rows), R * H)
             h_sum += np.asarray(Y[rows].T @ h, np.float32)
+            h_total += h.sum(0)
         counts = np.asarray(Y.getnnz(axis=0), np.float32)
+        if self.config.partition.center_scores:
+            h_sum -= counts[:, None] * (h_total / self.n_train).astype(np.float32)[None, :]
+        with_bias = not self.config.partition.center_scores
 
         @jax.jit
         def topk(hs, n):
-            return jax.lax.top_k(affine_head(params, jnp.moveaxis(hs.reshape(-1, R, H), 1, 0), n), K)[1]
+            logits = affine_head(params, jnp.moveaxis(hs.reshape(-1, R, H), 1, 0), n * with_bias)
+            return jax.lax.top_k(logits, K)[1]
 
         chunk = max(1, (1 << 24) // (R * self.config.model.n_buckets))
         cand = np.concatenate([np.asarray(topk(h_sum[s:s + chunk], counts[s:s + chunk]))
@@ -204,12 +218,20 @@ class IRLI:
         return cand, counts > 0
 
     def _item_topk(self, params, K):
-        """ANN representatives: the router's top-K buckets for each base vector itself."""
-        bs = self.config.search.query_batch
-        out = []
-        for s in range(0, self.n_items, bs):
-            ids, _ = self._route(params, self.data.base[s:s + bs], m=K)
-            out.append(np.asarray(ids))
+        """ANN representatives: the router's top-K buckets for each base vector itself.
+
+        With `partition.center_scores`, each bucket's mean logit over all items is
+        subtracted first (see `_label_topk`).
+        """
+        bs, base = self.config.search.query_batch, self.data.base
+        logits = jax.jit(lambda p, x: self.model.apply(p, x)[1])
+        center = 0.0
+        if self.config.partition.center_scores:
+            center = sum(np.asarray(logits(params, base[s:s + bs]), np.float64).sum(0)
+                         for s in range(0, self.n_items, bs)) / self.n_items
+            center = jnp.asarray(center, jnp.float32)
+        topk = jax.jit(lambda p, x, c: jax.lax.top_k(logits(p, x) - c, K)[1])
+        out = [np.asarray(topk(params, base[s:s + bs], center)) for s in range(0, self.n_items, bs)]
         return np.ascontiguousarray(np.concatenate(out, axis=0).transpose(1, 0, 2)).astype(np.int32)
 
     # --- search ----------------------------------------------------------------------------------
@@ -250,13 +272,19 @@ class IRLIIndex:
                                                    None, k, min_count, "sum", self.partition.members.shape[1],
                                                    n_threads)
             return SearchResult(ids=top, n_candidates=n_cand)
-        budget = setting.get("max_candidates") or self.partition.max_bucket_size() * ids.shape[1] * ids.shape[2]
-        cand, _, _, n_cand = kernels.merge_topk(ids, scores, self.partition.offsets, self.partition.members, None,
-                                                budget, min_count, "sum", self.partition.members.shape[1],
-                                                n_threads)
-        data = self.method.data
-        top, dist, n_unique = kernels.rerank_topk(_dense(queries), data.base, cand, k, data.kernel_metric,
-                                                  n_threads)
+        # ANN: every item hit in >= min_count repetitions (up to an optional budget, best
+        # summed probability first) is re-ranked exactly; queries go in chunks to bound memory.
+        budget = min(self.method.n_items, setting.get("max_candidates") or
+                     self.partition.max_bucket_size() * ids.shape[1] * ids.shape[2])
+        data, chunk = self.method.data, max(1, (1 << 26) // (4 * budget))
+        q = _dense(queries)
+        parts = []
+        for s in range(0, len(q), chunk):
+            cand, _, _, _ = kernels.merge_topk(ids[s:s + chunk], scores[s:s + chunk], self.partition.offsets,
+                                               self.partition.members, None, budget, min_count, "sum",
+                                               self.partition.members.shape[1], n_threads)
+            parts.append(kernels.rerank_topk(q[s:s + chunk], data.base, cand, k, data.kernel_metric, n_threads))
+        top, dist, n_unique = (np.concatenate(x) for x in zip(*parts))
         return SearchResult(ids=top, n_candidates=n_unique, dist=dist)
 
     def _search_mach(self, queries, k: int) -> SearchResult:

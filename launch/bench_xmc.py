@@ -1,0 +1,114 @@
+"""XMC benchmark: trained jaxidx indexes beside PECOS XR-Linear and a one-vs-rest linear
+model, measured in the same run on the same split.
+
+    python launch/bench_xmc.py --workdir=runs/irli-bibtex --workdir=runs/elias-bibtex --peers=pecos,ovr
+
+Each --workdir is evaluated from its checkpoint (its best search setting by P@1
+is reported). PECOS runs in its own virtualenv under $JAXIDX_CACHE (created on
+first use: libpecos pins numpy < 2). The one-vs-rest peer is scikit-learn
+logistic regression per label (liblinear), skipped above --ovr_max_labels.
+Writes --out (JSON) and prints a table.
+"""
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import scipy.sparse as sp
+from absl import app, flags
+
+from jaxidx import bench
+from jaxidx.data import cache_dir, load
+from jaxidx.evaluate import format_results
+from jaxidx.metrics import xmc_report
+from jaxidx.runner import evaluate_checkpoint
+
+flags.DEFINE_multi_string("workdir", [], "Run directories of trained XMC indexes.")
+flags.DEFINE_list("data", [], "Data specs to run the peers on (default: those of the workdirs).")
+flags.DEFINE_list("peers", ["pecos", "ovr"], "Peers: pecos, ovr.")
+flags.DEFINE_integer("ovr_max_labels", 2000, "Skip the one-vs-rest peer on data with more labels.")
+flags.DEFINE_string("out", "out/bench_xmc.json", "JSON result path.")
+FLAGS = flags.FLAGS
+_KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "R@10", "R@100")
+
+
+def pecos_python() -> str:
+    """The interpreter of the PECOS virtualenv, creating it on first use."""
+    venv = os.path.join(cache_dir(), "pecos-venv")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "libpecos", "numpy<2", "scipy<1.14"], check=True)
+    return py
+
+
+def run_pecos(data, k: int = 100) -> tuple[np.ndarray, dict]:
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("X_train", "Y_train", "X_test"):
+            sp.save_npz(f"{d}/{name}.npz", getattr(data, name).tocsr())
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pecos_xrlinear.py")
+        subprocess.run([pecos_python(), script, d, str(k)], check=True)
+        with open(f"{d}/timing.json") as f:
+            return np.load(f"{d}/pred.npy"), json.load(f)
+
+
+def run_ovr(data, k: int = 100) -> tuple[np.ndarray, dict]:
+    """One logistic regression per label on the tf-idf / bag-of-words features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    Y = data.Y_train.tocsc()
+    keep = np.flatnonzero(Y.getnnz(axis=0) > 0)  # labels with no positive cannot be fitted
+    t0 = time.perf_counter()
+    clf = OneVsRestClassifier(LogisticRegression(solver="liblinear", C=4.0), n_jobs=-1)
+    clf.fit(data.X_train, Y[:, keep].toarray().astype(np.int8))
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = clf.decision_function(data.X_test)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return keep[top], {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t0}
+
+
+def main(argv):
+    del argv
+    rows = []
+    specs = list(FLAGS.data)
+    for wd in FLAGS.workdir:
+        out = evaluate_checkpoint(wd, filename="eval_bench.json")
+        best = max(out["results"], key=lambda r: r["P@1"])
+        setting = {k: v for k, v in best.items() if k not in _KEYS + ("candidates_per_query", "queries_per_second")}
+        rows.append({"data": out["data"], "method": out["method"], "setting": json.dumps(setting),
+                     **{k: best[k] for k in _KEYS}, "train_seconds": out["train_seconds"],
+                     "queries_per_second": best["queries_per_second"]})
+        if out["data"] not in specs:
+            specs.append(out["data"])
+    peers = {"pecos": run_pecos, "ovr": run_ovr}
+    for spec in specs:
+        data = load(spec)
+        for peer in FLAGS.peers:
+            if peer == "ovr" and data.n_labels > FLAGS.ovr_max_labels:
+                print(f"skip ovr on {spec}: {data.n_labels} labels > --ovr_max_labels")
+                continue
+            pred, timing = peers[peer](data)
+            rep = xmc_report(pred, data.Y_test, train_Y=data.Y_train)
+            rows.append({"data": spec, "method": {"pecos": "PECOS XR-Linear", "ovr": "one-vs-rest logreg"}[peer],
+                         "setting": "", **{k: rep[k] for k in _KEYS}, "train_seconds": timing["train_seconds"],
+                         "queries_per_second": data.X_test.shape[0] / timing["predict_seconds"]})
+    rows.sort(key=lambda r: (r["data"], r["method"]))
+    bench.write_json(FLAGS.out, {"machine": bench.machine(), "command": bench.command(), "rows": rows})
+    print(bench.machine())
+    print(format_results(rows))
+    by = collections.defaultdict(dict)
+    for r in rows:
+        by[r["data"]][r["method"]] = r["P@1"]
+    for spec, m in by.items():
+        if "PECOS XR-Linear" in m:
+            ref = m["PECOS XR-Linear"]
+            print(spec, {k: f"P@1 {v:.4f} ({v / ref:.3f}x PECOS)" for k, v in m.items()})
+
+
+if __name__ == "__main__":
+    app.run(main)

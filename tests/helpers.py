@@ -1,0 +1,31 @@
+"""Small utilities the end-to-end tests share."""
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(path_and_preset: str, **overrides):
+    """`configs/x.py:preset` -> locked ConfigDict with dotted overrides applied."""
+    import importlib.util
+    path, preset = path_and_preset.split(":")
+    spec = importlib.util.spec_from_file_location(f"cfg_{os.path.basename(path)[:-3]}", os.path.join(REPO, path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config(preset)
+    from jaxidx.runner import _set
+    for key, value in overrides.items():
+        _set(config, key, value)
+    return config
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> dict:
+    """Run `code` in a fresh interpreter (e.g. with another JAX device count); it prints one JSON line last."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {}))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
+                         cwd=REPO)
+    if out.returncode != 0:
+        raise AssertionError(f"subprocess failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
