@@ -16,23 +16,31 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.model.n_buckets = 256     # B
     c.model.hidden = (256,)     # d -> hidden (ReLU) -> B
     c.model.init_std = 0.05     # truncated-normal std of the original; 0 = lecun normal
-    c.model.loss = "bce"        # 'bce' (per-bucket sigmoid) or 'softmax' (CE on normalised targets)
+    c.model.loss = "softmax"    # 'softmax' (CE on normalised targets) or 'bce' (the original per-bucket
+                                # sigmoid); softmax measured better on GloVe and XMC (BENCHMARKS.md)
     c.partition = ml_collections.ConfigDict()
     c.partition.top_k = 2               # K candidate buckets per item in the load-balanced pass
     c.partition.repartition_every = 5   # epochs; 0 = never
     c.partition.final_repartition = False  # also re-partition after the last epoch
     c.partition.order = "random"        # item order of the greedy pass: 'index' or 'random'
     c.partition.capacity_factor = 0.0   # > 0: cap buckets at factor * N / B items
+    c.partition.fallback_candidates = 32  # with a cap: ranked buckets an item may fall back to
     c.partition.center_scores = True    # rank buckets by logit minus the bucket's mean logit over items
     c.train.knn_k = 10                  # ANN: neighbours per training point (its labels)
     c.train.max_train_points = 0        # ANN: train on a seeded sample of the base (0 = all)
     return c
 
 
+def _ann(c):
+    """ANN partitions: cap loads at 1.5x the mean, falling back along each item's ranking."""
+    c.partition.update(capacity_factor=1.5, top_k=2)
+    return c
+
+
 def tiny():
-    c = _irli("synthetic-ann:n=3000,q=200,d=16,clusters=30,seed=0")
+    c = _ann(_irli("synthetic-ann:n=3000,q=200,d=16,clusters=30,seed=0"))
     c.model.update(n_reps=2, n_buckets=16, hidden=(32,))
-    c.train.update(epochs=4, batch_size=128, log_every=10)
+    c.train.update(epochs=4, batch_size=128, log_every=10, learning_rate=0.01)
     c.partition.repartition_every = 2
     c.search.settings = [{"m": 1, "min_count": 1}, {"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}]
     return c
@@ -41,7 +49,7 @@ def tiny():
 def tiny_xmc():
     c = _irli("synthetic-xmc:n=2000,test=300,features=300,labels=100,seed=0")
     c.model.update(n_reps=3, n_buckets=16, hidden=(32,))
-    c.train.update(epochs=4, batch_size=128, log_every=10)
+    c.train.update(epochs=6, batch_size=128, log_every=10, learning_rate=0.01)
     c.partition.update(repartition_every=2, top_k=4)
     c.search.settings = [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}, {"mode": "mach"}]
     return c
@@ -49,9 +57,9 @@ def tiny_xmc():
 
 def glove_small():
     """The README's main job: 100K GloVe base vectors, about 10 minutes on 2 cores."""
-    c = _irli("glove-6b-50d:base=100000,queries=2000")
+    c = _ann(_irli("glove-6b-50d:base=100000,queries=2000"))
     c.model.update(n_reps=4, n_buckets=256, hidden=(256,))
-    c.train.update(epochs=6, batch_size=512, log_every=50)
+    c.train.update(epochs=8, batch_size=512, log_every=50)
     c.partition.repartition_every = 2
     c.search.settings = [{"m": m, "min_count": mc} for m in (2, 4, 8, 16) for mc in (1, 2)]
     return c
@@ -59,11 +67,11 @@ def glove_small():
 
 def glove():
     """Full canonical GloVe 6B 50d split (390K base, 10K queries)."""
-    c = _irli("glove-6b-50d")
+    c = _ann(_irli("glove-6b-50d"))
     c.model.update(n_reps=4, n_buckets=1024, hidden=(256,))
     c.train.update(epochs=10, batch_size=1024, log_every=50, max_train_points=200000)
     c.partition.repartition_every = 2
-    c.search.settings = [{"m": m, "min_count": mc} for m in (4, 8, 16, 32) for mc in (1, 2)]
+    c.search.settings = [{"m": m, "min_count": mc} for m in (4, 8, 16, 32, 64) for mc in (1, 2)]
     return c
 
 

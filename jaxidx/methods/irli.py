@@ -77,6 +77,12 @@ def validate_config(config, n_items: int) -> None:
     if m.loss not in ("bce", "softmax"):
         raise ValueError(f"model.loss: unknown {m.loss!r}; valid: bce, softmax")
     for s in config.search.settings:
+        if s.get("mode", "topk") not in ("topk", "mach"):
+            raise ValueError(f"search.settings: mode={s['mode']!r} unknown; valid: topk, mach")
+        if s.get("mode") == "mach":
+            continue
+        if "m" not in s:
+            raise ValueError(f"search.settings: {dict(s)} needs m (buckets probed per repetition)")
         if not 1 <= s["m"] <= m.n_buckets:
             raise ValueError(f"search.settings: m={s['m']} must be in [1, model.n_buckets={m.n_buckets}]")
         if not 1 <= s.get("min_count", 1) <= m.n_reps:
@@ -164,13 +170,16 @@ class IRLI:
 
     # --- re-partitioning -------------------------------------------------------------------------
     def repartition(self, params, assign: np.ndarray, epoch: int) -> np.ndarray:
-        """Top-K buckets per item's representative, then one greedy load-balanced pass."""
+        """Top-K buckets per item's representative, then one greedy load-balanced pass: each
+        item goes to the least-filled of its top-K buckets that are not full."""
         p, m = self.config.partition, self.config.model
         K = p.top_k
+        # With a capacity, an item whose top-K are full falls back to its next preferences.
+        ranked = min(m.n_buckets, max(K, p.fallback_candidates)) if p.capacity_factor else K
         if self.task == "xmc":
-            cand, seen = self._label_topk(params, K)
+            cand, seen = self._label_topk(params, ranked)
         else:
-            cand, seen = self._item_topk(params, K), np.ones(self.n_items, bool)
+            cand, seen = self._item_topk(params, ranked), np.ones(self.n_items, bool)
         # Items with no representative (labels never seen in training) stay where they are.
         cand[:, ~seen, 0] = assign[:, ~seen]
         cand[:, ~seen, 1:] = -1
@@ -179,7 +188,7 @@ class IRLI:
             rng = np.random.default_rng([self.config.seed, epoch, 1])
             order = np.stack([rng.permutation(self.n_items) for _ in range(m.n_reps)]).astype(np.int64)
         capacity = int(np.ceil(p.capacity_factor * self.n_items / m.n_buckets)) if p.capacity_factor else 0
-        return kernels.balanced_assign(cand, m.n_buckets, order=order, capacity=capacity)
+        return kernels.balanced_assign(cand, m.n_buckets, order=order, capacity=capacity, n_choices=K)
 
     def _label_topk(self, params, K):
         """XMC representatives: sum of router logits over each label's training examples.
@@ -250,14 +259,16 @@ class IRLIIndex:
     assign: np.ndarray
 
     def route(self, queries, m: int):
-        """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device)."""
+        """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device;
+        every batch is padded to `search.query_batch` rows so one compiled shape serves all)."""
         bs = self.method.config.search.query_batch
         n = _n_rows(queries)
         ids, scores = [], []
         for s in range(0, n, bs):
-            i, p = self.method._route(self.params, _slice_rows(queries, s, s + bs), m=m)
-            ids.append(np.asarray(i))
-            scores.append(np.asarray(p))
+            batch, rows = _padded_rows(queries, s, bs)
+            i, p = self.method._route(self.params, batch, m=m)
+            ids.append(np.asarray(i)[:rows])
+            scores.append(np.asarray(p)[:rows])
         return np.concatenate(ids), np.concatenate(scores)
 
     def search(self, queries, setting: dict, k: int) -> SearchResult:
@@ -280,29 +291,47 @@ class IRLIIndex:
         q = _dense(queries)
         parts = []
         for s in range(0, len(q), chunk):
-            cand, _, _, _ = kernels.merge_topk(ids[s:s + chunk], scores[s:s + chunk], self.partition.offsets,
-                                               self.partition.members, None, budget, min_count, "sum",
-                                               self.partition.members.shape[1], n_threads)
+            cand, _, counts, _ = kernels.merge_topk(ids[s:s + chunk], scores[s:s + chunk], self.partition.offsets,
+                                                    self.partition.members, None, budget, 1, "sum",
+                                                    self.partition.members.shape[1], n_threads)
+            cand = keep_min_count(cand, counts, min_count, k)
             parts.append(kernels.rerank_topk(q[s:s + chunk], data.base, cand, k, data.kernel_metric, n_threads))
         top, dist, n_unique = (np.concatenate(x) for x in zip(*parts))
         return SearchResult(ids=top, n_candidates=n_unique, dist=dist)
 
-    def _search_mach(self, queries, k: int) -> SearchResult:
-        """Exhaustive MACH estimator: every label scored by the sum over r of its bucket's logit."""
+    @functools.cached_property
+    def _mach_scores(self):
+        """Jitted (params, x, k) -> top-k labels by the sum over r of the logit of each label's bucket."""
         assign = jnp.asarray(self.assign)
         apply = self.method.model.apply
 
-        @jax.jit
-        def scores_topk(params, x):
+        @partial(jax.jit, static_argnames="k")
+        def scores_topk(params, x, k):
             _, logits = apply(params, x)  # [b, R, B]
             per_rep = jax.vmap(lambda lg, a: jnp.take(lg, a, axis=-1), in_axes=(1, 0))(logits, assign)
             return jax.lax.top_k(per_rep.sum(0), k)[1]
 
+        return scores_topk
+
+    def _search_mach(self, queries, k: int) -> SearchResult:
+        """Exhaustive MACH estimator: every label scored by the sum over r of its bucket's logit."""
         bs = self.method.config.search.query_batch
         n = _n_rows(queries)
-        top = np.concatenate([np.asarray(scores_topk(self.params, _slice_rows(queries, s, s + bs)))
-                              for s in range(0, n, bs)]).astype(np.int32)
+        parts = []
+        for s in range(0, n, bs):
+            batch, rows = _padded_rows(queries, s, bs)
+            parts.append(np.asarray(self._mach_scores(self.params, batch, k))[:rows])
+        top = np.concatenate(parts).astype(np.int32)
         return SearchResult(ids=top, n_candidates=np.full(n, self.assign.shape[1], np.int32))
+
+
+def keep_min_count(cand: np.ndarray, counts: np.ndarray, min_count: int, k: int) -> np.ndarray:
+    """Drop candidates hit in fewer than t repetitions (set to -1), where per query t is
+    `min_count` relaxed down (never below 1) until at least k candidates remain."""
+    t = np.ones(len(cand), np.int32)
+    for thr in range(2, min_count + 1):
+        t = np.where(((counts >= thr) & (cand >= 0)).sum(1) >= k, thr, t)
+    return np.where(counts >= t[:, None], cand, -1)
 
 
 def _train_points(data: ANNData, config) -> np.ndarray:
@@ -318,8 +347,13 @@ def _n_rows(x) -> int:
     return x["idx"].shape[0] if isinstance(x, dict) else x.shape[0]
 
 
-def _slice_rows(x, s, e):
-    return {k: v[s:e] for k, v in x.items()} if isinstance(x, dict) else x[s:e]
+def _padded_rows(x, start: int, size: int):
+    """Rows [start, start+size) of dense or padded-sparse queries, padded with row 0 to `size`
+    rows (a fixed shape for jit); returns (batch, number of real rows)."""
+    rows = np.arange(start, min(start + size, _n_rows(x)))
+    real = len(rows)
+    rows = np.concatenate([rows, np.zeros(size - real, rows.dtype)])
+    return B_.take(x, rows), real
 
 
 def _dense(x):

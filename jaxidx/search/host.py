@@ -1,0 +1,45 @@
+"""C++ backend of the search kernels (the extension jaxidx._kernels); the default.
+
+Same results as `reference` (which documents the exact semantics), computed
+with the GIL released over `n_threads` threads (0 = all hardware threads).
+Arrays are passed through without conversion: ids and offsets must be int32
+(the CSR `cand_offsets` and balanced_assign's `order` may also be int64,
+`initial_counts` is int64), scores and vectors float32, all C-contiguous.
+Anything else raises ValueError naming the argument.
+"""
+try:
+    from jaxidx import _kernels
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError("jaxidx._kernels is not built; run `python3 setup.py build_ext --inplace`") from e
+
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign"]
+
+
+def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
+               n_threads=0):
+    """Top-k items of the routed buckets: (ids, scores, counts, n_candidates).
+    See reference.merge_topk. n_items sizes per-thread scratch (default: max member id + 1)."""
+    return _kernels.merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg,
+                               -1 if n_items is None else n_items, n_threads)
+
+
+def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):
+    """Exact k nearest candidates: (ids, dist, n_unique). `candidates` is a padded
+    int32 [Q, C] array or a CSR tuple (cand_offsets, cand_ids). See reference.rerank_topk."""
+    if isinstance(candidates, tuple):
+        cand_offsets, cand_ids = candidates
+    else:
+        cand_offsets, cand_ids = None, candidates
+    return _kernels.rerank_topk(queries, base, cand_offsets, cand_ids, k, metric, n_threads)
+
+
+def topk_rows(x, k, n_threads=0):
+    """Largest k entries per row: (idx, vals). See reference.topk_rows."""
+    return _kernels.topk_rows(x, k, n_threads)
+
+
+def balanced_assign(candidates, n_buckets, order=None, capacity=0, initial_counts=None, n_choices=0,
+                    n_threads=0):
+    """Greedy load-balanced assignment, repetitions in parallel: assign int32 [R, N].
+    See reference.balanced_assign."""
+    return _kernels.balanced_assign(candidates, n_buckets, order, capacity, initial_counts, n_choices, n_threads)

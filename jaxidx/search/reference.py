@@ -1,0 +1,328 @@
+"""NumPy reference of the search kernels: the specification, made executable.
+
+`host` (C++) and `device` (JAX) must return exactly what these functions
+return; they are written for clarity, not speed. The rules they pin down:
+
+* ids are int32, scores float32, -1 pads a missing id; ties are broken by the
+  smaller id; NaN ranks after every number; a zero score or distance is
+  reported as +0.0.
+* merge_topk sums a query's hits in the order repetition, routed slot, member
+  position (float32, starting from +0.0), or takes their max.
+* Distances reduce over the dimension in one canonical order (`lane_sum`):
+  eight lanes, lane l summing the terms i = l, l+8, ... in turn, combined as
+  ((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7)). This is what an 8-wide SIMD loop
+  does, so the C++ kernel keeps its speed and still matches bit for bit.
+* Arguments are checked as the C++ kernel checks them (exact dtypes, C order,
+  id ranges); a bad one raises ValueError naming it.
+"""
+import numpy as np
+
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "lane_sum"]
+
+_METRICS = ("ip", "cosine", "l2")
+
+
+# --- argument checks (shared with device.py for the static options) ----------
+
+
+def check_array(x, name, dtype, ndim):
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name}: expected dtype {np.dtype(dtype)}, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got {x.ndim}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name}: must be C-contiguous")
+    return x
+
+
+def check_axis(x, name, axis, expected, what):
+    if x.shape[axis] != expected:
+        raise ValueError(f"{name}: axis {axis} has length {x.shape[axis]}, expected {expected} ({what})")
+
+
+def check_options(k=None, min_count=None, agg=None, metric=None, n_threads=0):
+    if k is not None and k <= 0:
+        raise ValueError(f"k: must be > 0, got {k}")
+    if min_count is not None and min_count < 1:
+        raise ValueError(f"min_count: must be >= 1, got {min_count}")
+    if agg is not None and agg not in ("sum", "max"):
+        raise ValueError(f"agg: must be 'sum' or 'max', got {agg!r}")
+    if metric is not None and metric not in _METRICS:
+        raise ValueError(f"metric: must be 'ip', 'cosine' or 'l2', got {metric!r}")
+    if n_threads < 0:
+        raise ValueError("n_threads: must be >= 0 (0 = all hardware threads)")
+
+
+def _check_range(values, name, lo, hi):
+    bad = (values < lo) | (values >= hi)
+    if bad.any():
+        raise ValueError(f"{name}: id {values[bad][0]} out of range [{lo}, {hi})")
+
+
+def _check_csr(offsets, name, length):
+    """offsets [..., n + 1]: starts at 0, non-decreasing, ends within `length`."""
+    if (offsets[..., 0] != 0).any():
+        raise ValueError(f"{name}: must start at 0")
+    if (np.diff(offsets, axis=-1) < 0).any():
+        raise ValueError(f"{name}: must be non-decreasing")
+    if (offsets[..., -1] > length).any():
+        raise ValueError(f"{name}: last offset exceeds the length of the id array")
+
+
+# --- ranking ------------------------------------------------------------------
+
+
+def _zero_to_plus(x):
+    return np.where(x == 0, np.float32(0), x).astype(np.float32)
+
+
+def _rank(keys, ids, descending):
+    """Positions of `keys` best first: by key (NaN last), then by smaller id."""
+    nan = np.isnan(keys)
+    primary = np.where(nan, np.float32(0), -keys if descending else keys)
+    return np.lexsort((ids, _zero_to_plus(primary), nan), axis=-1)
+
+
+def _threshold(count, k, min_count):
+    """Largest t <= min_count that at least k items reach, else 1; the same t as
+    `t = min_count; while t > 1 and (count >= t).sum() < k: t -= 1`."""
+    if len(count) < k:
+        return 1
+    kth_largest = np.partition(count, len(count) - k)[len(count) - k]
+    return max(1, min(min_count, int(kth_largest)))
+
+
+def lane_sum(terms):
+    """Sum float32 `terms` [..., d] over the last axis in the canonical order."""
+    d = terms.shape[-1]
+    acc = np.zeros(terms.shape[:-1] + (8,), np.float32)
+    for c in range(0, d, 8):
+        chunk = terms[..., c : c + 8]
+        acc[..., : chunk.shape[-1]] += chunk
+    pairs = acc[..., :4] + acc[..., 4:]
+    pairs = pairs[..., :2] + pairs[..., 2:]
+    return pairs[..., 0] + pairs[..., 1]
+
+
+# --- kernels ------------------------------------------------------------------
+
+
+def _accumulate(bucket_ids, bucket_scores, offsets, members, weights, agg):
+    """One query's hits, reduced per item: (sorted unique items, hit counts, scores)."""
+    R, m = bucket_ids.shape
+    routed = bucket_ids >= 0  # boolean mask in (r, j) order = hit order
+    r_slot = np.broadcast_to(np.arange(R)[:, None], (R, m))[routed]
+    b_slot, s_slot = bucket_ids[routed], bucket_scores[routed]
+    start = offsets[r_slot, b_slot]
+    size = offsets[r_slot, b_slot + 1] - start
+    r_hit = np.repeat(r_slot, size)
+    pos = np.repeat(start - (np.cumsum(size) - size), size) + np.arange(size.sum())
+    item = members[r_hit, pos]
+    contrib = np.repeat(s_slot, size)
+    if weights is not None:
+        contrib = contrib * weights[r_hit, pos]
+    uniq, inv = np.unique(item, return_inverse=True)
+    count = np.bincount(inv, minlength=len(uniq)).astype(np.int32)
+    if agg == "sum":
+        score = np.zeros(len(uniq), np.float32)
+        np.add.at(score, inv, contrib)  # applied in hit order
+    else:
+        score = np.full(len(uniq), -np.inf, np.float32)
+        np.maximum.at(score, inv, contrib)  # NaN propagates
+    return uniq, count, score
+
+
+def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
+               n_threads=0):
+    """Top-k items of each query's routed buckets, by summed (or max) bucket score.
+
+    bucket_ids int32 [Q, R, m] (-1 skips the slot), bucket_scores float32 [Q, R, m];
+    partition per repetition in CSR: offsets int32 [R, B+1], members int32 [R, M]
+    (entries past offsets[r, B] are ignored), weights float32 [R, M] or None (all 1).
+    Each member of a routed bucket is a hit contributing bucket score * weight.
+    Candidates are the items with at least t hits, t = min_count relaxed until k
+    items qualify. Returns (ids [Q, k], scores [Q, k], counts [Q, k],
+    n_candidates [Q]), best first, padded with -1 / -inf / 0. n_threads is unused.
+    """
+    check_array(bucket_ids, "bucket_ids", np.int32, 3)
+    check_array(bucket_scores, "bucket_scores", np.float32, 3)
+    Q, R, m = bucket_ids.shape
+    for axis in range(3):
+        check_axis(bucket_scores, "bucket_scores", axis, bucket_ids.shape[axis], "bucket_ids' shape")
+    check_array(offsets, "offsets", np.int32, 2)
+    check_axis(offsets, "offsets", 0, R, "R repetitions")
+    if offsets.shape[1] < 1:
+        raise ValueError("offsets: needs B + 1 >= 1 columns")
+    B = offsets.shape[1] - 1
+    check_array(members, "members", np.int32, 2)
+    check_axis(members, "members", 0, R, "R repetitions")
+    if weights is not None:
+        check_array(weights, "weights", np.float32, 2)
+        check_axis(weights, "weights", 1, members.shape[1], "members' shape")
+        check_axis(weights, "weights", 0, R, "members' shape")
+    check_options(k=k, min_count=min_count, agg=agg, n_threads=n_threads)
+    if n_items is not None and n_items < 0:
+        raise ValueError("n_items: must be >= 0 (or None)")
+    _check_csr(offsets, "offsets", members.shape[1])
+    used = [members[r, : offsets[r, B]] for r in range(R)]
+    all_used = np.concatenate(used) if R else np.zeros(0, np.int32)
+    if n_items is None:
+        n_items = int(all_used.max()) + 1 if all_used.size else 0
+    _check_range(all_used, "members", 0, n_items)
+    _check_range(bucket_ids.ravel(), "bucket_ids", -1, B)
+
+    ids = np.full((Q, k), -1, np.int32)
+    scores = np.full((Q, k), -np.inf, np.float32)
+    counts = np.zeros((Q, k), np.int32)
+    n_candidates = np.zeros(Q, np.int32)
+    for q in range(Q):
+        with np.errstate(all="ignore"):  # inf * 0 and overflow are part of the arithmetic
+            uniq, count, score = _accumulate(bucket_ids[q], bucket_scores[q], offsets, members, weights, agg)
+        cand = count >= _threshold(count, k, min_count)
+        n_candidates[q] = cand.sum()
+        c_ids, c_scores, c_counts = uniq[cand], _zero_to_plus(score[cand]), count[cand]
+        top = _rank(c_scores, c_ids, descending=True)[:k]
+        ids[q, : len(top)] = c_ids[top]
+        scores[q, : len(top)] = c_scores[top]
+        counts[q, : len(top)] = c_counts[top]
+    return ids, scores, counts, n_candidates
+
+
+def distances(queries, rows, metric):
+    """Distance (smaller is better) of queries [..., d] to rows [..., d], float32:
+    ip -q.x, cosine 1 - q.x / (|q| |x|) (1 where that denominator is 0),
+    l2 squared Euclidean; every reduction in the canonical lane order."""
+    with np.errstate(all="ignore"):
+        if metric == "l2":
+            diff = queries - rows
+            return _zero_to_plus(lane_sum(diff * diff))
+        dot = lane_sum(queries * rows)
+        if metric == "ip":
+            return _zero_to_plus(-dot)
+        denom = np.sqrt(lane_sum(queries * queries)) * np.sqrt(lane_sum(rows * rows))
+        return _zero_to_plus(np.where(denom == 0, np.float32(1), np.float32(1) - dot / denom))
+
+
+def _candidate_rows(candidates, Q, N):
+    """Per-query candidate id arrays from the padded or the CSR form, checked."""
+    if isinstance(candidates, tuple):
+        cand_offsets, cand_ids = candidates
+        if not isinstance(cand_offsets, np.ndarray) or cand_offsets.dtype not in (np.int32, np.int64):
+            raise ValueError("cand_offsets: expected an int32 or int64 numpy array")
+        check_array(cand_offsets, "cand_offsets", cand_offsets.dtype, 1)
+        check_array(cand_ids, "cand_ids", np.int32, 1)
+        check_axis(cand_offsets, "cand_offsets", 0, Q + 1, "Q + 1")
+        _check_csr(cand_offsets, "cand_offsets", len(cand_ids))
+        _check_range(cand_ids[: cand_offsets[-1]], "cand_ids", -1, N)
+        return [cand_ids[cand_offsets[q] : cand_offsets[q + 1]] for q in range(Q)]
+    check_array(candidates, "candidates", np.int32, 2)
+    check_axis(candidates, "candidates", 0, Q, "one row per query")
+    _check_range(candidates.ravel(), "candidates", -1, N)
+    return list(candidates)
+
+
+def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):
+    """Exact k nearest candidates of each query.
+
+    queries float32 [Q, d], base float32 [N, d]; candidates either padded int32
+    [Q, C] or CSR (cand_offsets int32/int64 [Q+1], cand_ids int32 [T]); -1 entries
+    are skipped in both forms and repeated ids count once. Returns (ids [Q, k],
+    dist [Q, k], n_unique [Q]), nearest first, padded with -1 / +inf.
+    n_threads is unused.
+    """
+    check_array(queries, "queries", np.float32, 2)
+    check_array(base, "base", np.float32, 2)
+    Q, d = queries.shape
+    check_axis(base, "base", 1, d, "queries' dimension")
+    rows = _candidate_rows(candidates, Q, base.shape[0])
+    check_options(k=k, metric=metric, n_threads=n_threads)
+
+    ids = np.full((Q, k), -1, np.int32)
+    dist = np.full((Q, k), np.inf, np.float32)
+    n_unique = np.zeros(Q, np.int32)
+    for q in range(Q):
+        uniq = np.unique(rows[q])
+        uniq = uniq[uniq >= 0]
+        n_unique[q] = len(uniq)
+        dq = distances(queries[q], base[uniq], metric)
+        top = _rank(dq, uniq, descending=False)[:k]
+        ids[q, : len(top)] = uniq[top]
+        dist[q, : len(top)] = dq[top]
+    return ids, dist, n_unique
+
+
+def topk_rows(x, k, n_threads=0):
+    """Largest k entries of each row of x float32 [n, c]: (idx int32 [n, k],
+    vals float32 [n, k]); ties to the smaller index, NaN last, padded -1 / -inf."""
+    check_array(x, "x", np.float32, 2)
+    check_options(k=k, n_threads=n_threads)
+    n, c = x.shape
+    kk = min(k, c)
+    col = np.broadcast_to(np.arange(c, dtype=np.int32), x.shape)
+    top = _rank(x, col, descending=True)[:, :kk]
+    idx = np.full((n, k), -1, np.int32)
+    vals = np.full((n, k), -np.inf, np.float32)
+    idx[:, :kk] = top
+    vals[:, :kk] = np.take_along_axis(x, top, axis=1)
+    return idx, vals
+
+
+def balanced_assign(candidates, n_buckets, order=None, capacity=0, initial_counts=None, n_choices=0,
+                    n_threads=0):
+    """Greedy load-balanced bucket assignment (IRLI re-partition), per repetition.
+
+    candidates int32 [R, N, K]: each item's preferred buckets, best first (-1 =
+    none). Items are visited in `order` (int32/int64 [R, N] permutation; None =
+    0..N-1) and each goes to the least-filled of its first `n_choices` usable
+    preferences (0 = all; ties to the earlier one); a bucket with count >=
+    capacity (when capacity > 0) is not usable, so a capped item falls back to
+    its next preferences in rank order. With no usable preference an item goes to the least-filled bucket
+    overall (ties to the smaller id). Counts start from initial_counts (int64
+    [R, B]) or 0. Returns assign int32 [R, N]. n_threads is unused.
+    """
+    check_array(candidates, "candidates", np.int32, 3)
+    R, N, _ = candidates.shape
+    if not 1 <= n_buckets <= np.iinfo(np.int32).max:
+        raise ValueError("n_buckets: must be in [1, 2^31 - 1]")
+    if capacity < 0:
+        raise ValueError("capacity: must be >= 0 (0 = unbounded)")
+    if n_choices < 0:
+        raise ValueError("n_choices: must be >= 0 (0 = all candidates)")
+    if order is not None:
+        if not isinstance(order, np.ndarray) or order.dtype not in (np.int32, np.int64):
+            raise ValueError("order: expected an int32 or int64 numpy array")
+        check_array(order, "order", order.dtype, 2)
+        check_axis(order, "order", 0, R, "R repetitions")
+        check_axis(order, "order", 1, N, "N items")
+    if initial_counts is not None:
+        check_array(initial_counts, "initial_counts", np.int64, 2)
+        check_axis(initial_counts, "initial_counts", 0, R, "R repetitions")
+        check_axis(initial_counts, "initial_counts", 1, n_buckets, "n_buckets")
+    check_options(n_threads=n_threads)
+    bad = (candidates < -1) | (candidates >= n_buckets)
+    if bad.any():
+        raise ValueError(f"candidates: bucket {candidates[bad][0]} out of range [-1, n_buckets={n_buckets})")
+    if order is not None and (np.sort(order, axis=1) != np.arange(N)).any():
+        raise ValueError("order: a row is not a permutation of 0..N-1")
+    start = np.zeros((R, n_buckets), np.int64) if initial_counts is None else initial_counts
+    if (start < 0).any():
+        raise ValueError("initial_counts: must be >= 0")
+    if capacity > 0 and (capacity * n_buckets < N + start.sum(axis=1)).any():
+        raise ValueError("capacity: capacity * n_buckets is less than the items to place")
+
+    assign = np.zeros((R, N), np.int32)
+    for r in range(R):
+        counts = start[r].copy()
+        for item in range(N) if order is None else order[r]:
+            pref = candidates[r, item]
+            pref = pref[pref >= 0]
+            if capacity > 0:
+                pref = pref[counts[pref] < capacity]
+            if n_choices:
+                pref = pref[:n_choices]
+            best = pref[np.argmin(counts[pref])] if len(pref) else np.argmin(counts)
+            assign[r, item] = best
+            counts[best] += 1
+    return assign

@@ -1,0 +1,16 @@
+// pybind11 bindings of jaxidx._kernels. Arguments arrive as plain objects so
+// that every check (and its ValueError naming the argument) lives in C++.
+#include "kernels.h"
+
+PYBIND11_MODULE(_kernels, m) {
+    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank, row top-k, balanced assignment";
+    m.def("merge_topk", &jaxidx::merge_topk, py::arg("bucket_ids"), py::arg("bucket_scores"), py::arg("offsets"),
+          py::arg("members"), py::arg("weights"), py::arg("k"), py::arg("min_count"), py::arg("agg"),
+          py::arg("n_items"), py::arg("n_threads"));
+    m.def("topk_rows", &jaxidx::topk_rows, py::arg("x"), py::arg("k"), py::arg("n_threads"));
+    m.def("rerank_topk", &jaxidx::rerank_topk, py::arg("queries"), py::arg("base"), py::arg("cand_offsets"),
+          py::arg("cand_ids"), py::arg("k"), py::arg("metric"), py::arg("n_threads"));
+    m.def("balanced_assign", &jaxidx::balanced_assign, py::arg("candidates"), py::arg("n_buckets"),
+          py::arg("order"), py::arg("capacity"), py::arg("initial_counts"), py::arg("n_choices"),
+          py::arg("n_threads"));
+}
