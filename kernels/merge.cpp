@@ -1,0 +1,244 @@
+// merge_topk: accumulate the members of each query's routed buckets into
+// per-item (score, hit count), relax the hit-count threshold, keep the top k.
+// topk_rows: row-wise top k of a dense score matrix.
+#include "kernels.h"
+
+namespace jaxidx {
+
+namespace {
+
+struct Slot {  // one per item, interleaved so a hit touches one cache line
+    float score;
+    int32_t count;
+};
+
+constexpr int32_t kPrefetchAhead = 64;  // members
+
+struct Routed {  // one routed bucket of a query
+    const int32_t* members;
+    const float* weights;  // null when unweighted
+    int32_t size;
+    float score;
+};
+
+// Adds the hits of a query's routed buckets, in order, to the per-item slots;
+// items seen for the first time are appended to touched (returns how many).
+// Prefetching runs ahead: member lists two buckets ahead, slots of the next
+// bucket's first members, and slots kPrefetchAhead members ahead in this one.
+template <bool kWeighted, bool kMax>
+int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_routed) {
+    auto prefetch_members = [&](int64_t i) {
+        if (i >= n_routed) return;
+        prefetch_bytes(routed[i].members, routed[i].size * sizeof(int32_t));
+        if (kWeighted) prefetch_bytes(routed[i].weights, routed[i].size * sizeof(float));
+    };
+    prefetch_members(0);
+    prefetch_members(1);
+    int64_t n_touched = 0;
+    for (int64_t i = 0; i < n_routed; ++i) {
+        prefetch_members(i + 2);
+        if (i + 1 < n_routed) {
+            const Routed& next = routed[i + 1];
+            for (int32_t p = 0; p < std::min(kPrefetchAhead, next.size); ++p) {
+                __builtin_prefetch(slots + next.members[p], 1);
+            }
+        }
+        const Routed& rb = routed[i];
+        for (int32_t p = 0; p < rb.size; ++p) {
+            if (p + kPrefetchAhead < rb.size) __builtin_prefetch(slots + rb.members[p + kPrefetchAhead], 1);
+            const float c = kWeighted ? rb.score * rb.weights[p] : rb.score;
+            Slot& sl = slots[rb.members[p]];
+            if (sl.count == 0) {
+                touched[n_touched++] = rb.members[p];
+                if (kMax) sl.score = c;
+            }
+            if (!kMax) {
+                sl.score += c;
+            } else if (c > sl.score || std::isnan(c)) {  // max; NaN propagates
+                sl.score = c;
+            }
+            ++sl.count;
+        }
+    }
+    return n_touched;
+}
+
+using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
+
+}  // namespace
+
+py::tuple merge_topk(const py::object& bucket_ids_o, const py::object& bucket_scores_o, const py::object& offsets_o,
+                     const py::object& members_o, const py::object& weights_o, int64_t k, int64_t min_count,
+                     const std::string& agg, int64_t n_items, int64_t n_threads) {
+    py::array bids_a = require_array<int32_t>(bucket_ids_o, "bucket_ids", 3);
+    py::array bsc_a = require_array<float>(bucket_scores_o, "bucket_scores", 3);
+    const int64_t Q = bids_a.shape(0), R = bids_a.shape(1), m = bids_a.shape(2);
+    for (int ax = 0; ax < 3; ++ax) require_shape(bsc_a, "bucket_scores", ax, bids_a.shape(ax), "bucket_ids' shape");
+    py::array off_a = require_array<int32_t>(offsets_o, "offsets", 2);
+    require_shape(off_a, "offsets", 0, R, "R repetitions");
+    if (off_a.shape(1) < 1) fail("offsets", "needs B + 1 >= 1 columns");
+    const int64_t B = off_a.shape(1) - 1;
+    py::array mem_a = require_array<int32_t>(members_o, "members", 2);
+    require_shape(mem_a, "members", 0, R, "R repetitions");
+    const int64_t M = mem_a.shape(1);
+    py::array w_a;
+    const bool weighted = !weights_o.is_none();
+    if (weighted) {
+        w_a = require_array<float>(weights_o, "weights", 2);
+        require_shape(w_a, "weights", 0, R, "members' shape");
+        require_shape(w_a, "weights", 1, M, "members' shape");
+    }
+    if (k <= 0) fail("k", "must be > 0, got " + std::to_string(k));
+    if (min_count < 1) fail("min_count", "must be >= 1, got " + std::to_string(min_count));
+    if (agg != "sum" && agg != "max") fail("agg", "must be 'sum' or 'max', got '" + agg + "'");
+    const bool agg_max = agg == "max";
+    if (n_items < -1) fail("n_items", "must be >= 0 (or None)");
+    const int threads = resolve_threads(n_threads, Q);
+
+    const int32_t* bids = data_of<int32_t>(bids_a);
+    const float* bsc = data_of<float>(bsc_a);
+    const int32_t* off = data_of<int32_t>(off_a);
+    const int32_t* mem = data_of<int32_t>(mem_a);
+    const float* w = weighted ? data_of<float>(w_a) : nullptr;
+
+    py::array_t<int32_t> ids_o({Q, k}), counts_o({Q, k}), ncand_o(Q);
+    py::array_t<float> scores_o({Q, k});
+    int32_t* out_ids = ids_o.mutable_data();
+    int32_t* out_counts = counts_o.mutable_data();
+    int32_t* out_ncand = ncand_o.mutable_data();
+    float* out_scores = scores_o.mutable_data();
+
+    {
+        py::gil_scoped_release release;
+        int64_t max_bucket = 0, max_member = -1;
+        for (int64_t r = 0; r < R; ++r) {
+            const int32_t* o = off + r * (B + 1);
+            if (o[0] != 0) fail("offsets", "offsets[" + std::to_string(r) + ", 0] must be 0");
+            for (int64_t b = 0; b < B; ++b) {
+                if (o[b + 1] < o[b]) {
+                    fail("offsets", "must be non-decreasing; offsets[" + std::to_string(r) + ", " +
+                                        std::to_string(b + 1) + "] < offsets[" + std::to_string(r) + ", " +
+                                        std::to_string(b) + "]");
+                }
+                max_bucket = std::max<int64_t>(max_bucket, o[b + 1] - o[b]);
+            }
+            if (o[B] > M) fail("offsets", "offsets[" + std::to_string(r) + ", B] exceeds members' length");
+            const int32_t* mr = mem + r * M;
+            for (int64_t p = 0; p < o[B]; ++p) {
+                if (mr[p] < 0 || (n_items >= 0 && mr[p] >= n_items)) {
+                    fail("members", "id " + std::to_string(mr[p]) + " at [" + std::to_string(r) + ", " +
+                                        std::to_string(p) + "] out of range [0, n_items=" +
+                                        (n_items >= 0 ? std::to_string(n_items) : std::string("inf")) + ")");
+                }
+                max_member = std::max<int64_t>(max_member, mr[p]);
+            }
+        }
+        if (n_items < 0) n_items = max_member + 1;
+        for (int64_t i = 0; i < Q * R * m; ++i) {
+            if (bids[i] < -1 || bids[i] >= B) {
+                fail("bucket_ids", "id " + std::to_string(bids[i]) + " out of range [-1, B=" + std::to_string(B) +
+                                       ")");
+            }
+        }
+
+        const size_t max_hits = static_cast<size_t>(std::min<int64_t>(n_items, R * m * max_bucket));
+        const AddHitsFn add_hits_fn = weighted ? (agg_max ? add_hits<true, true> : add_hits<true, false>)
+                                               : (agg_max ? add_hits<false, true> : add_hits<false, false>);
+        struct Scratch {
+            ZeroBuffer<Slot> slots;
+            std::vector<int32_t> touched, counts;
+            std::vector<Routed> routed;
+            TopK top{true};
+            explicit Scratch(size_t n) : slots(n) {}
+        };
+        std::vector<std::unique_ptr<Scratch>> scratch;
+        for (int t = 0; t < threads; ++t) {
+            scratch.emplace_back(new Scratch(static_cast<size_t>(n_items)));
+            scratch.back()->touched.resize(max_hits);
+            scratch.back()->routed.resize(static_cast<size_t>(R * m));
+            if (min_count > 1) scratch.back()->counts.reserve(max_hits);
+            scratch.back()->top.reserve(static_cast<size_t>(std::min<int64_t>(k, max_hits)));
+        }
+
+        parallel_for(Q, threads, 16, [&](int t, int64_t q0, int64_t q1) {
+            Scratch& s = *scratch[t];
+            Slot* slots = s.slots.get();
+            for (int64_t q = q0; q < q1; ++q) {
+                int64_t n_routed = 0;
+                for (int64_t r = 0; r < R; ++r) {
+                    const int32_t* o = off + r * (B + 1);
+                    for (int64_t j = 0; j < m; ++j) {
+                        const int64_t idx = (q * R + r) * m + j;
+                        const int32_t b = bids[idx];
+                        if (b < 0) continue;
+                        s.routed[n_routed++] = Routed{mem + r * M + o[b], weighted ? w + r * M + o[b] : nullptr,
+                                                      o[b + 1] - o[b], bsc[idx]};
+                    }
+                }
+                const int64_t n_touched = add_hits_fn(slots, s.touched.data(), s.routed.data(), n_routed);
+                const int32_t* touched = s.touched.data();
+                // Threshold: the largest t <= min_count that at least k items reach, else 1.
+                int32_t thr = 1;
+                if (min_count > 1 && n_touched >= k) {
+                    s.counts.clear();
+                    for (int64_t i = 0; i < n_touched; ++i) s.counts.push_back(slots[touched[i]].count);
+                    std::nth_element(s.counts.begin(), s.counts.begin() + (k - 1), s.counts.end(),
+                                     std::greater<int32_t>());
+                    thr = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(min_count, s.counts[k - 1])));
+                }
+                s.top.reset(static_cast<size_t>(k));
+                int32_t n_cand = 0;
+                for (int64_t i = 0; i < n_touched; ++i) {
+                    const int32_t it = touched[i];
+                    Slot& sl = slots[it];
+                    if (sl.count >= thr) {
+                        ++n_cand;
+                        // -0.0 (possible under max) is reported as +0.0 by every backend.
+                        s.top.push(sl.score == 0.0f ? 0.0f : sl.score, it, sl.count);
+                    }
+                    sl = Slot{0.0f, 0};
+                }
+                out_ncand[q] = n_cand;
+                s.top.emit([&](size_t i, const Entry* e) {
+                    out_ids[q * k + i] = e ? e->id() : -1;
+                    out_scores[q * k + i] = e ? e->value : -INFINITY;
+                    out_counts[q * k + i] = e ? e->aux : 0;
+                });
+            }
+        });
+    }
+    return py::make_tuple(ids_o, scores_o, counts_o, ncand_o);
+}
+
+py::tuple topk_rows(const py::object& x_o, int64_t k, int64_t n_threads) {
+    py::array x_a = require_array<float>(x_o, "x", 2);
+    if (k <= 0) fail("k", "must be > 0, got " + std::to_string(k));
+    const int64_t n = x_a.shape(0), c = x_a.shape(1);
+    if (c > INT32_MAX) fail("x", "more than 2^31 - 1 columns");
+    const int threads = resolve_threads(n_threads, n);
+    const float* x = data_of<float>(x_a);
+    py::array_t<int32_t> idx_o({n, k});
+    py::array_t<float> vals_o({n, k});
+    int32_t* out_idx = idx_o.mutable_data();
+    float* out_vals = vals_o.mutable_data();
+    {
+        py::gil_scoped_release release;
+        std::vector<TopK> tops(threads, TopK(true));
+        for (auto& top : tops) top.reserve(static_cast<size_t>(std::min(k, c)));
+        parallel_for(n, threads, 64, [&](int t, int64_t r0, int64_t r1) {
+            TopK& top = tops[t];
+            for (int64_t r = r0; r < r1; ++r) {
+                top.reset(static_cast<size_t>(k));
+                const float* row = x + r * c;
+                for (int64_t i = 0; i < c; ++i) top.push(row[i], static_cast<int32_t>(i));
+                top.emit([&](size_t i, const Entry* e) {
+                    out_idx[r * k + i] = e ? e->id() : -1;
+                    out_vals[r * k + i] = e ? e->value : -INFINITY;
+                });
+            }
+        });
+    }
+    return py::make_tuple(idx_o, vals_o);
+}
+
+}  // namespace jaxidx
