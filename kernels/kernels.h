@@ -6,6 +6,8 @@
 
 namespace jaxidx {
 
+py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offsets, const py::object& members,
+                           int64_t min_count, int64_t min_candidates, int64_t n_items, int64_t n_threads);
 py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scores, const py::object& offsets,
                      const py::object& members, const py::object& weights, int64_t k, int64_t min_count,
                      const std::string& agg, int64_t n_items, int64_t n_threads);

@@ -1,5 +1,7 @@
 // merge_topk: accumulate the members of each query's routed buckets into
 // per-item (score, hit count), relax the hit-count threshold, keep the top k.
+// merge_candidates: the same hits and threshold, returning the whole candidate
+// set per query (CSR) for exact re-ranking.
 // topk_rows: row-wise top k of a dense score matrix.
 #include "kernels.h"
 
@@ -67,9 +69,15 @@ using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
 
 }  // namespace
 
-py::tuple merge_topk(const py::object& bucket_ids_o, const py::object& bucket_scores_o, const py::object& offsets_o,
+namespace {
+
+// Shared by merge_topk and merge_candidates: validation, hit accumulation and the
+// threshold. With candidates_only, `k` is the number of candidates the threshold
+// relaxes for, and each query's candidates are returned as CSR in ascending id
+// order (the order re-ranking scans the base in) instead of being ranked.
+py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_scores_o, const py::object& offsets_o,
                      const py::object& members_o, const py::object& weights_o, int64_t k, int64_t min_count,
-                     const std::string& agg, int64_t n_items, int64_t n_threads) {
+                     const std::string& agg, int64_t n_items, int64_t n_threads, bool candidates_only) {
     py::array bids_a = require_array<int32_t>(bucket_ids_o, "bucket_ids", 3);
     py::array bsc_a = require_array<float>(bucket_scores_o, "bucket_scores", 3);
     const int64_t Q = bids_a.shape(0), R = bids_a.shape(1), m = bids_a.shape(2);
@@ -101,8 +109,12 @@ py::tuple merge_topk(const py::object& bucket_ids_o, const py::object& bucket_sc
     const int32_t* mem = data_of<int32_t>(mem_a);
     const float* w = weighted ? data_of<float>(w_a) : nullptr;
 
-    py::array_t<int32_t> ids_o({Q, k}), counts_o({Q, k}), ncand_o(Q);
-    py::array_t<float> scores_o({Q, k});
+    const int64_t kk = candidates_only ? 0 : k;  // ranked outputs are [Q, k]; unused with candidates_only
+    py::array_t<int32_t> ids_o({Q, kk}), counts_o({Q, kk}), ncand_o(Q);
+    py::array_t<float> scores_o({Q, kk});
+    py::array_t<int64_t> cand_offsets_o(Q + 1);
+    std::vector<std::vector<int32_t>> cand_parts;  // per thread: candidates of its queries, in query order
+    std::vector<std::vector<std::pair<int64_t, int64_t>>> cand_spans;  // per thread: (query, start in its part)
     int32_t* out_ids = ids_o.mutable_data();
     int32_t* out_counts = counts_o.mutable_data();
     int32_t* out_ncand = ncand_o.mutable_data();
@@ -160,6 +172,8 @@ py::tuple merge_topk(const py::object& bucket_ids_o, const py::object& bucket_sc
             scratch.back()->top.reserve(static_cast<size_t>(std::min<int64_t>(k, max_hits)));
         }
 
+        cand_parts.resize(threads);
+        cand_spans.resize(threads);
         parallel_for(Q, threads, 16, [&](int t, int64_t q0, int64_t q1) {
             Scratch& s = *scratch[t];
             Slot* slots = s.slots.get();
@@ -186,6 +200,19 @@ py::tuple merge_topk(const py::object& bucket_ids_o, const py::object& bucket_sc
                                      std::greater<int32_t>());
                     thr = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(min_count, s.counts[k - 1])));
                 }
+                if (candidates_only) {
+                    std::vector<int32_t>& part = cand_parts[t];
+                    const size_t start = part.size();
+                    for (int64_t i = 0; i < n_touched; ++i) {
+                        const int32_t it = touched[i];
+                        if (slots[it].count >= thr) part.push_back(it);
+                        slots[it] = Slot{0.0f, 0};
+                    }
+                    std::sort(part.begin() + static_cast<std::ptrdiff_t>(start), part.end());
+                    cand_spans[t].emplace_back(q, static_cast<int64_t>(start));
+                    out_ncand[q] = static_cast<int32_t>(part.size() - start);
+                    continue;
+                }
                 s.top.reset(static_cast<size_t>(k));
                 int32_t n_cand = 0;
                 for (int64_t i = 0; i < n_touched; ++i) {
@@ -207,7 +234,40 @@ py::tuple merge_topk(const py::object& bucket_ids_o, const py::object& bucket_sc
             }
         });
     }
-    return py::make_tuple(ids_o, scores_o, counts_o, ncand_o);
+    if (!candidates_only) return py::make_tuple(ids_o, scores_o, counts_o, ncand_o);
+    int64_t* cand_off = cand_offsets_o.mutable_data();
+    cand_off[0] = 0;
+    for (int64_t q = 0; q < Q; ++q) cand_off[q + 1] = cand_off[q] + out_ncand[q];
+    py::array_t<int32_t> cand_ids_o(cand_off[Q]);
+    int32_t* cand_ids = cand_ids_o.mutable_data();
+    {
+        py::gil_scoped_release release;
+        for (size_t t = 0; t < cand_spans.size(); ++t) {
+            for (const auto& [q, start] : cand_spans[t]) {
+                std::copy_n(cand_parts[t].data() + start, out_ncand[q], cand_ids + cand_off[q]);
+            }
+        }
+    }
+    return py::make_tuple(cand_offsets_o, cand_ids_o, ncand_o);
+}
+
+}  // namespace
+
+py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scores, const py::object& offsets,
+                     const py::object& members, const py::object& weights, int64_t k, int64_t min_count,
+                     const std::string& agg, int64_t n_items, int64_t n_threads) {
+    return merge_core(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg, n_items, n_threads,
+                      false);
+}
+
+py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offsets, const py::object& members,
+                           int64_t min_count, int64_t min_candidates, int64_t n_items, int64_t n_threads) {
+    // Scores do not matter for the candidate set: route with zeros of the right shape.
+    py::array bids = require_array<int32_t>(bucket_ids, "bucket_ids", 3);
+    py::array_t<float> zeros({bids.shape(0), bids.shape(1), bids.shape(2)});
+    std::fill_n(zeros.mutable_data(), zeros.size(), 0.0f);
+    return merge_core(bucket_ids, zeros, offsets, members, py::none(), min_candidates, min_count, "sum", n_items,
+                      n_threads, true);
 }
 
 py::tuple topk_rows(const py::object& x_o, int64_t k, int64_t n_threads) {

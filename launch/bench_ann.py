@@ -15,10 +15,11 @@ if __name__ == "__main__":  # pin before jax / faiss start their thread pools
     _t = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")]
     pin_threads(int(_t[-1]) if _t else 1)
 
+import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from jaxidx import bench  # noqa: E402
 from jaxidx.data.types import benchmark_distance  # noqa: E402
@@ -28,6 +29,7 @@ from jaxidx.runner import restore  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", None, "Run directories of trained indexes (one or more).")
 flags.DEFINE_string("data", None, "Data spec override (default: each checkpoint's own).")
+flags.DEFINE_string("settings", None, 'Search settings override, JSON, e.g. \'[{"m": 8, "min_count": 2}]\'.')
 flags.DEFINE_integer("threads", 1, "Cores for every method's search (the process is pinned).")
 flags.DEFINE_list("nprobe", "1,2,4,8,16,32,64,128", "faiss IVF-Flat nprobe sweep.")
 flags.DEFINE_list("ef", "10,20,40,80,160,320", "hnswlib ef sweep.")
@@ -99,11 +101,14 @@ def bench_hnsw(data, efs, threads: int, build_threads: int):
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     rows, builds, data, nlist = [], {}, None, None
     for wd in FLAGS.workdir:
         overrides = {"search.n_threads": FLAGS.threads}
         if FLAGS.data:
             overrides["data"] = FLAGS.data
+        if FLAGS.settings:
+            overrides["search.settings"] = json.loads(FLAGS.settings)
         config, method, data_i, params, aux, step, meta = restore(wd, overrides=overrides)
         if data is not None and data_i.fingerprint() != data.fingerprint():
             raise ValueError(f"--workdir {wd}: trained on other data than {FLAGS.workdir[0]}")

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-from absl import app, flags
+from absl import app, flags, logging
 
 from jaxidx import bench
 from jaxidx.data import cache_dir, load
@@ -74,6 +74,7 @@ def run_ovr(data, k: int = 100) -> tuple[np.ndarray, dict]:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)
     rows = []
     specs = list(FLAGS.data)
     for wd in FLAGS.workdir:

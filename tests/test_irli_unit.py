@@ -73,11 +73,3 @@ def test_bce_gradient_matches_optax_reference():
     ref = optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1).sum(-1).mean()
     np.testing.assert_allclose(float(bucket_loss(logits, targets, jnp.ones(4), "bce")), float(ref), rtol=1e-6)
 
-
-def test_keep_min_count_relaxes_per_query_until_k():
-    from jaxidx.methods.irli import keep_min_count
-    cand = np.array([[5, 6, 7, 8], [1, 2, 3, -1]])
-    counts = np.array([[3, 3, 1, 1], [2, 1, 1, 0]])
-    # Query 0: two items hit 3 times -> k=2 satisfied at t=3. Query 1: only one item at t>=2 -> t=1.
-    np.testing.assert_array_equal(keep_min_count(cand, counts, 3, 2), [[5, 6, -1, -1], [1, 2, 3, -1]])
-    np.testing.assert_array_equal(keep_min_count(cand, counts, 1, 2), [[5, 6, 7, 8], [1, 2, 3, -1]])

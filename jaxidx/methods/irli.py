@@ -294,20 +294,11 @@ class IRLIIndex:
                                                    None, k, min_count, "sum", self.partition.members.shape[1],
                                                    n_threads)
             return SearchResult(ids=top, n_candidates=n_cand)
-        # ANN: every item hit in >= min_count repetitions (up to an optional budget, best
-        # summed probability first) is re-ranked exactly; queries go in chunks to bound memory.
-        budget = min(self.method.n_items, setting.get("max_candidates") or
-                     self.partition.max_bucket_size() * ids.shape[1] * ids.shape[2])
-        data, chunk = self.method.data, max(1, (1 << 26) // (4 * budget))
-        q = _dense(queries)
-        parts = []
-        for s in range(0, len(q), chunk):
-            cand, _, counts, _ = kernels.merge_topk(ids[s:s + chunk], scores[s:s + chunk], self.partition.offsets,
-                                                    self.partition.members, None, budget, 1, "sum",
-                                                    self.partition.members.shape[1], n_threads)
-            cand = keep_min_count(cand, counts, min_count, k)
-            parts.append(kernels.rerank_topk(q[s:s + chunk], data.base, cand, k, data.kernel_metric, n_threads))
-        top, dist, n_unique = (np.concatenate(x) for x in zip(*parts))
+        # ANN: every item hit in >= min_count repetitions (relaxed until k exist) is re-ranked exactly.
+        data = self.method.data
+        cand = kernels.merge_candidates(ids, self.partition.offsets, self.partition.members, min_count, k,
+                                        self.method.n_items, n_threads)[:2]
+        top, dist, n_unique = kernels.rerank_topk(_dense(queries), data.base, cand, k, data.kernel_metric, n_threads)
         return SearchResult(ids=top, n_candidates=n_unique, dist=dist)
 
     @functools.cached_property
@@ -334,15 +325,6 @@ class IRLIIndex:
             parts.append(np.asarray(self._mach_scores(self.params, self.method.model_input(batch), k))[:rows])
         top = np.concatenate(parts).astype(np.int32)
         return SearchResult(ids=top, n_candidates=np.full(n, self.assign.shape[1], np.int32))
-
-
-def keep_min_count(cand: np.ndarray, counts: np.ndarray, min_count: int, k: int) -> np.ndarray:
-    """Drop candidates hit in fewer than t repetitions (set to -1), where per query t is
-    `min_count` relaxed down (never below 1) until at least k candidates remain."""
-    t = np.ones(len(cand), np.int32)
-    for thr in range(2, min_count + 1):
-        t = np.where(((counts >= thr) & (cand >= 0)).sum(1) >= k, thr, t)
-    return np.where(counts >= t[:, None], cand, -1)
 
 
 def _train_points(data: ANNData, config) -> np.ndarray:

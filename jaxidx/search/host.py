@@ -12,7 +12,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError("jaxidx._kernels is not built; run `python3 setup.py build_ext --inplace`") from e
 
-__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign"]
+__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "topk_rows", "balanced_assign"]
 
 
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
@@ -21,6 +21,13 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
     See reference.merge_topk. n_items sizes per-thread scratch (default: max member id + 1)."""
     return _kernels.merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg,
                                -1 if n_items is None else n_items, n_threads)
+
+
+def merge_candidates(bucket_ids, offsets, members, min_count=1, min_candidates=1, n_items=None, n_threads=0):
+    """The candidate sets of the routed buckets as CSR: (cand_offsets int64 [Q+1], cand_ids
+    int32 [T], n_candidates [Q]). See reference.merge_candidates."""
+    return _kernels.merge_candidates(bucket_ids, offsets, members, min_count, min_candidates,
+                                     -1 if n_items is None else n_items, n_threads)
 
 
 def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):

@@ -189,6 +189,29 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
     return ids, scores, counts, n_candidates
 
 
+def merge_candidates(bucket_ids, offsets, members, min_count=1, min_candidates=1, n_items=None, n_threads=0):
+    """Every item hit in at least t repetitions' routed buckets, t = min_count relaxed
+    until min_candidates items qualify (the set ANN search re-ranks exactly).
+
+    Returns CSR (cand_offsets int64 [Q+1], cand_ids int32 [T], n_candidates int32
+    [Q]) with each query's candidates in ascending id order. Same validation as
+    merge_topk (min_candidates plays k's part).
+    """
+    check_array(bucket_ids, "bucket_ids", np.int32, 3)
+    zeros = np.zeros(bucket_ids.shape, np.float32)
+    parts = []
+    # merge_topk validates the arguments and counts the same candidates.
+    _, _, _, n_candidates = merge_topk(bucket_ids, zeros, offsets, members, None, min_candidates, min_count, "sum",
+                                       n_items, n_threads)
+    for q in range(bucket_ids.shape[0]):
+        uniq, count, _ = _accumulate(bucket_ids[q], zeros[q], offsets, members, None, "sum")
+        parts.append(uniq[count >= _threshold(count, min_candidates, min_count)].astype(np.int32))
+    offsets_out = np.zeros(len(parts) + 1, np.int64)
+    offsets_out[1:] = np.cumsum([len(p) for p in parts])
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return offsets_out, ids, n_candidates
+
+
 def distances(queries, rows, metric):
     """Distance (smaller is better) of queries [..., d] to rows [..., d], float32:
     ip -q.x, cosine 1 - q.x / (|q| |x|) (1 where that denominator is 0),

@@ -1,0 +1,146 @@
+"""Interrupted runs lose nothing; bad configs and broken checkpoints fail loudly or fall back."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import REPO, load_config
+from jaxidx.runner import build, restore
+from jaxidx.train.checkpoint import Checkpointer
+from jaxidx.train.loop import fit
+
+TRAIN = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=" + os.path.join(REPO, "configs/irli.py:tiny"),
+         "--noprogress", "--config.train.epochs=3", "--config.train.checkpoint_every_steps=3",
+         "--config.train.keep_checkpoints=100"]
+ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+
+
+def _steps(wd):
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "*"))
+                  if os.path.basename(p).isdigit())
+
+
+def _final_state(wd):
+    _, _, _, params, aux, step, _ = restore(wd)
+    return step, params, aux
+
+
+def _assert_same(a, b):
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(a[2]["assign"], b[2]["assign"])
+    for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _start(wd):
+    return subprocess.Popen(TRAIN + [f"--workdir={wd}"], env=ENV, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_steps(proc, wd, n, timeout=240):
+    t0 = time.time()
+    while len([s for s in _steps(wd) if s > 0]) < n:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() - t0 < timeout, "training made no checkpoints in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("whole"))
+    out = subprocess.run(TRAIN + [f"--workdir={wd}"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return _final_state(wd)
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    wd = str(tmp_path / "killed")
+    proc = _start(wd)
+    _wait_for_steps(proc, wd, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = _steps(wd)
+    assert done and done[-1] < uninterrupted[0]
+    # A kill may land in the middle of a save: leave a half-written step behind on purpose.
+    os.makedirs(os.path.join(wd, "checkpoints", f"{done[-1] + 1}.orbax-checkpoint-tmp-123"), exist_ok=True)
+    out = subprocess.run(TRAIN + [f"--workdir={wd}"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _assert_same(_final_state(wd), uninterrupted)
+
+
+def test_sigterm_saves_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
+    wd = str(tmp_path / "term")
+    proc = _start(wd)
+    _wait_for_steps(proc, wd, 1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "interrupted: checkpoint saved" in out
+    out = subprocess.run(TRAIN + [f"--workdir={wd}"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _assert_same(_final_state(wd), uninterrupted)
+
+
+def test_corrupted_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
+    config = load_config("configs/irli.py:tiny", **{"train.epochs": 2, "train.keep_checkpoints": 10})
+    method, data, mesh = build(config)
+    fit(method, config, str(tmp_path), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    steps = _steps(str(tmp_path))
+    newest = os.path.join(str(tmp_path), "checkpoints", str(steps[-1]), "state")
+    for path in glob.glob(os.path.join(newest, "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+    with caplog.at_level("WARNING"):
+        _, _, _, _, _, step, _ = restore(str(tmp_path))
+    assert step == steps[-2]
+    assert any("unreadable" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("model.n_buckets", 1, "model.n_buckets"),
+    ("partition.top_k", 99, "partition.top_k"),
+    ("train.learning_rate", -1.0, "train.learning_rate"),
+    ("search.k", 0, "search.k"),
+    ("model.loss", "hinge", "model.loss"),
+    ("search.settings", [{"m": 17, "min_count": 1}], "m=17"),
+    ("search.settings", [{"m": 2, "min_count": 3}], "min_count=3"),
+    ("partition.capacity_factor", 0.5, "partition.capacity_factor"),
+])
+def test_invalid_config_values_are_rejected_with_the_field(field, value, needle):
+    config = load_config("configs/irli.py:tiny", **{field: value})
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        build(config)
+
+
+def test_unknown_override_fails_at_start():
+    with pytest.raises(KeyError, match="epochz"):
+        load_config("configs/irli.py:tiny", **{"train.epochz": 3})
+    out = subprocess.run(TRAIN + ["--workdir=/nonexistent/x", "--config.train.epochz=3"], env=ENV, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "epochz" in out.stderr
+
+
+def test_batch_not_divisible_by_devices_is_rejected(tmp_path):
+    code = f"""
+import sys; sys.path.insert(0, 'tests')
+from helpers import load_config
+from jaxidx.runner import build
+from jaxidx.train.loop import fit
+config = load_config('configs/irli.py:tiny', **{{'train.batch_size': 100}})
+method, data, mesh = build(config)
+try:
+    fit(method, config, {str(tmp_path)!r}, mesh, data_fingerprint=data.fingerprint(), progress=False)
+except ValueError as e:
+    print(__import__('json').dumps({{'error': str(e)}}))
+"""
+    from helpers import run_python
+    out = run_python(code, {"JAX_NUM_CPU_DEVICES": "8"})
+    assert "train.batch_size" in out["error"] and "8" in out["error"]
