@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import time
 from typing import Any, Optional, Protocol
@@ -90,14 +91,14 @@ class _StopFlag:
 
 
 def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: str,
-        progress: bool = True) -> FitResult:
-    """Train `task` for `config.train.epochs`, resuming from `workdir` if it holds a checkpoint."""
+        progress: bool = True, epochs: Optional[int] = None) -> FitResult:
+    """Train `task` for `epochs` (default `config.train.epochs`), resuming from `workdir` if it holds a checkpoint."""
     tc = config.train
     n_data = mesh_lib.data_size(mesh)
     if task.batch_size % n_data:
         raise ValueError(f"train.batch_size: {task.batch_size} is not divisible by the {n_data} data-parallel devices")
     spe = task.steps_per_epoch
-    total = tc.epochs * spe
+    total = (tc.epochs if epochs is None else epochs) * spe
     tx = task.optimizer(total)
     params, aux = task.init(jax.random.key(config.seed))
     state = state_lib.create(params, tx)
@@ -168,6 +169,32 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     ckpt.close()
     return FitResult(params=state.params, aux=aux, step=step, epoch=step // spe,
                      train_seconds=train_seconds, interrupted=interrupted)
+
+
+def fit_stages(method, config, workdir: str, mesh: Mesh, *, data_fingerprint: str,
+               progress: bool = True) -> tuple[Trainable, FitResult]:
+    """Train a method; returns (the Trainable of its last stage, that stage's FitResult).
+
+    A single-stage method is itself the Trainable and trains in `workdir`. A
+    method with `stages` (names) and `stage(name, previous_result)` (a
+    Trainable with an `epochs` attribute) trains each stage in `workdir/<name>`,
+    in order, each starting from the previous stage's result; re-running
+    resumes whichever stage was interrupted (finished stages restore at once).
+    """
+    if not getattr(method, "stages", ()):
+        return method, fit(method, config, workdir, mesh, data_fingerprint=data_fingerprint, progress=progress)
+    result = None
+    for name in method.stages:
+        task = method.stage(name, result)
+        result = fit(task, config, stage_dir(workdir, name), mesh, data_fingerprint=data_fingerprint,
+                     progress=progress, epochs=task.epochs)
+        if result.interrupted:
+            break
+    return task, result
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
 
 
 def _check_meta(meta: dict, task: Trainable, fingerprint: str, workdir: str) -> None:

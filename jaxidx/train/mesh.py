@@ -42,7 +42,7 @@ def put_replicated(tree, mesh: Mesh):
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """A global host batch -> arrays split over 'data'.
+    """A global host batch (a dict, possibly nested) -> arrays split over 'data'.
 
     Every process holds the same global batch (built from the same seed); each
     contributes only the rows that belong to its own devices, so this is also
@@ -58,7 +58,7 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
         rows = a.shape[0] // n_proc
         return jax.make_array_from_process_local_data(sharding, a[proc * rows:(proc + 1) * rows], a.shape)
 
-    return {k: place(v) for k, v in batch.items()}
+    return jax.tree.map(place, batch)  # nested dicts too (sparse rows {'idx', 'val'})
 
 
 def to_host(tree):
