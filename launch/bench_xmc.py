@@ -57,17 +57,27 @@ def run_pecos(data, k: int = 100) -> tuple[np.ndarray, dict]:
 
 
 def run_ovr(data, k: int = 100) -> tuple[np.ndarray, dict]:
-    """One logistic regression per label on the tf-idf / bag-of-words features."""
+    """One liblinear logistic regression per label (labels with no positive are never ranked).
+
+    Fitted label by label: sklearn's OneVsRestClassifier on this multilabel
+    indicator input gave near-zero P@1 (measured on bibtex), the loop does not.
+    """
+    from joblib import Parallel, delayed
     from sklearn.linear_model import LogisticRegression
-    from sklearn.multiclass import OneVsRestClassifier
     Y = data.Y_train.tocsc()
-    keep = np.flatnonzero(Y.getnnz(axis=0) > 0)  # labels with no positive cannot be fitted
+    keep = np.flatnonzero(Y.getnnz(axis=0) > 0)
+
+    def fit(label):
+        y = Y[:, label].toarray().ravel().astype(np.int8)
+        return LogisticRegression(solver="liblinear", C=4.0).fit(data.X_train, y)
+
     t0 = time.perf_counter()
-    clf = OneVsRestClassifier(LogisticRegression(solver="liblinear", C=4.0), n_jobs=-1)
-    clf.fit(data.X_train, Y[:, keep].toarray().astype(np.int8))
+    models = Parallel(n_jobs=-1)(delayed(fit)(label) for label in keep)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = clf.decision_function(data.X_test)
+    W = np.stack([m.coef_.ravel() for m in models], 1)
+    b = np.array([m.intercept_[0] for m in models])
+    scores = np.asarray(data.X_test @ W) + b
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return keep[top], {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t0}
 

@@ -3,7 +3,9 @@
 Called by `launch/bench_xmc.py` as: VENV/bin/python launch/pecos_xrlinear.py DIR K
 where DIR holds X_train.npz, Y_train.npz, X_test.npz (scipy CSR). Writes
 DIR/pred.npy (top-K label ids, -1 padded) and DIR/timing.json. PECOS defaults:
-PIFA label features, hierarchical k-means (leaf 100), beam 10.
+PIFA label features, hierarchical k-means (leaf 100), beam 10, on L2-normalised
+feature rows (XR-Linear's usual input; the shared data's reference figures
+match this).
 """
 import json
 import sys
@@ -15,10 +17,15 @@ from pecos.xmc import Indexer, LabelEmbeddingFactory
 from pecos.xmc.xlinear.model import XLinearModel
 
 
+def l2_rows(X: sp.csr_matrix) -> sp.csr_matrix:
+    norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
+    return sp.diags(1.0 / np.maximum(norms, 1e-12)).dot(X).tocsr().astype(np.float32)
+
+
 def main(d: str, k: int) -> None:
-    X = sp.load_npz(f"{d}/X_train.npz").tocsr().astype(np.float32)
+    X = l2_rows(sp.load_npz(f"{d}/X_train.npz").tocsr())
     Y = sp.load_npz(f"{d}/Y_train.npz").tocsr().astype(np.float32)
-    Xt = sp.load_npz(f"{d}/X_test.npz").tocsr().astype(np.float32)
+    Xt = l2_rows(sp.load_npz(f"{d}/X_test.npz").tocsr())
     t0 = time.perf_counter()
     feat = LabelEmbeddingFactory.create(Y, X, method="pifa")
     chain = Indexer.gen(feat, indexer_type="hierarchicalkmeans", max_leaf_size=100)
