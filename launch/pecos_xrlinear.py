@@ -19,7 +19,9 @@ from pecos.xmc.xlinear.model import XLinearModel
 
 def l2_rows(X: sp.csr_matrix) -> sp.csr_matrix:
     norms = np.sqrt(np.asarray(X.multiply(X).sum(axis=1)).ravel())
-    return sp.diags(1.0 / np.maximum(norms, 1e-12)).dot(X).tocsr().astype(np.float32)
+    out = sp.diags(1.0 / np.maximum(norms, 1e-12)).dot(X).tocsr().astype(np.float32)
+    out.sort_indices()  # PECOS requires sorted column indices
+    return out
 
 
 def main(d: str, k: int) -> None:
