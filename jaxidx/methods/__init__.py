@@ -7,4 +7,7 @@ def get_method(name: str):
     if name == "irli":
         from jaxidx.methods.irli import IRLI
         return IRLI
-    raise ValueError(f"method: unknown {name!r}; valid: irli")
+    if name == "lmi":
+        from jaxidx.methods.lmi import LMI
+        return LMI
+    raise ValueError(f"method: unknown {name!r}; valid: irli, lmi")

@@ -1,0 +1,86 @@
+"""LMI presets: `--config=configs/lmi.py:NAME` with NAME one of the keys of PRESETS.
+
+`starter` is the seed's starter pack (one level of B buckets, L2 k-means labels,
+MLP d -> 512 -> 384 -> B, 10 epochs, batch 256, top-1 bucket); the others are
+the full variant (a tree of `model.levels`, about sqrt(N) leaves, spherical
+k-means for angular data, soft targets, n_probe and candidate-budget sweeps);
+on GloVe one level beats a two-level tree (BENCHMARKS.md, "LMI"). Override any
+field, e.g. `--config.model.levels='(64, 64)' --config.model.hidden='((512,), (128,))'`.
+"""
+import ml_collections
+
+from jaxidx.config import base_config, preset
+
+
+def _lmi(data: str) -> ml_collections.ConfigDict:
+    c = base_config("lmi", data)
+    c.model = ml_collections.ConfigDict()
+    c.model.levels = (32, 32)               # children per node, per level; leaves = product
+    c.model.hidden = ((512,), (128,))       # MLP widths of the nodes of each level: d -> widths (ReLU) -> children
+    c.model.init_std = 0.0                  # 0 = lecun normal; > 0: truncated normal with this std
+    c.kmeans = ml_collections.ConfigDict()
+    c.kmeans.kind = "auto"                  # 'auto' (spherical for angular data), 'l2' or 'spherical'
+    c.kmeans.init = "kmeans++"              # or 'random'
+    c.kmeans.n_iter = 20
+    c.kmeans.max_points_per_centroid = 256  # each node's k-means fits a seeded sample of this x children (0 = all)
+    c.kmeans.init_points_per_centroid = 32  # k-means++ seeds come from a sample of this x children (0 = all)
+    c.train.node_batch_size = 0             # per-node batch below the root (0 = batch_size / nodes of the level)
+    c.train.target_temperature = 0.02       # > 0: soft targets softmax(k-means score / T) over a node's children,
+                                            # which teach the ranking of the runner-up buckets; 0 = hard labels
+    c.index = ml_collections.ConfigDict()
+    c.index.repair_empty = True             # a leaf the networks leave empty takes back its k-means points
+    c.search.query_batch = 256              # queries per block: routing, candidate lists, re-rank
+    c.search.settings = [{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
+    return c
+
+
+def tiny():
+    """Synthetic clusters, seconds on one core."""
+    c = _lmi("synthetic-ann:n=3000,q=200,d=16,clusters=30,seed=0")
+    c.model.update(levels=(4, 4), hidden=((32,), (16,)))
+    c.kmeans.n_iter = 10
+    c.train.update(epochs=4, batch_size=64, log_every=10)
+    c.search.settings = [{"n_probe": 1}, {"n_probe": 2}, {"n_probe": 4}, {"n_probe": 4, "max_candidates": 300}]
+    return c
+
+
+def starter():
+    """The seed's starter LMI (its example: 100K vectors, 320 buckets) on 100K GloVe vectors."""
+    c = _lmi("glove-6b-50d:base=100000,queries=2000")
+    c.model.update(levels=(320,), hidden=((512, 384),))
+    c.kmeans.update(kind="l2", max_points_per_centroid=0)  # L2 k-means on the whole data
+    c.train.update(epochs=10, batch_size=256, learning_rate=1e-3, target_temperature=0.0)  # hard labels
+    c.index.repair_empty = False                           # empty / uneven buckets allowed
+    c.search.settings = [{"n_probe": 1}, {"n_probe": 2}, {"n_probe": 4}, {"n_probe": 8}]
+    return c
+
+
+def glove_small():
+    """100K GloVe base vectors, 256 leaves in one level (the tree: --config.model.levels='(16, 16)'
+    --config.model.hidden='((512,), (128,))')."""
+    c = _lmi("glove-6b-50d:base=100000,queries=2000")
+    c.model.update(levels=(256,), hidden=((512,),))
+    c.train.update(epochs=10, batch_size=512)
+    c.search.settings = ([{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64)]
+                         + [{"n_probe": 32, "max_candidates": b} for b in (2000, 4000, 8000)])
+    return c
+
+
+def glove():
+    """Full canonical GloVe 6B 50d split (390K base, 10K queries), 1024 leaves in one level: on GloVe a
+    one-level tree keeps the flat k-means partition, which a [32, 32] tree loses recall to (BENCHMARKS.md)."""
+    c = _lmi("glove-6b-50d")
+    c.model.update(levels=(1024,), hidden=((512,),))
+    c.train.update(epochs=10, batch_size=1024)
+    # n_probe sweep, then candidate budgets: leaves best first until the budget is spent, which
+    # evens out the work per query and gains recall per candidate over a fixed n_probe.
+    c.search.settings = ([{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
+                         + [{"n_probe": 64, "max_candidates": b} for b in (4000, 8000, 10000, 12000, 16000)])
+    return c
+
+
+PRESETS = {"tiny": tiny, "starter": starter, "glove-small": glove_small, "glove": glove}
+
+
+def get_config(arg=None):
+    return preset(PRESETS, arg, "tiny")

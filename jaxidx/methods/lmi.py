@@ -1,0 +1,391 @@
+"""LMI, the learned metric index: a tree of k-means + MLP nodes over ANN base vectors.
+
+Each node of level l splits its points into `levels[l]` children: k-means
+gives the children's training labels, an MLP learns to predict them (hard
+labels as in the original, or soft targets softmax(k-means score / T) that
+also rank the runner-up children), and in the end every base vector goes to
+the leaf the networks predict (the leaf of largest path probability, the
+product of the children's softmax probabilities along the path). A one-level
+tree with hard labels and top-1 search is the seed's starter LMI.
+
+Training is one `fit`: the params hold every node, stacked per level
+(`RepeatedMLP` with one net per node), and each step trains all levels at
+once: level 0 on a batch of the epoch's permutation, and each node of a
+deeper level on its own batch of the points k-means put under it (drawn with
+replacement, so every node gets the same number of updates). The k-means tree
+is built before training, so every node's labels are known up front and all
+levels train together in one jitted step, with one checkpoint and one resume;
+a fit per level would only be needed to train children on the points their
+parent's network (rather than k-means) routes to them.
+
+Search visits leaves in descending path probability (empty leaves skipped)
+until `n_probe` leaves are visited or `max_candidates` are gathered, then
+re-ranks the candidates exactly (inner product for angular data) with
+`rerank_topk`. Base vectors are stored contiguous per leaf, so a probe is a
+contiguous scan; results are original ids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from jaxidx import kmeans as km
+from jaxidx import search as kernels
+from jaxidx.data.types import ANNData
+from jaxidx.methods.common import SearchResult, validate_common
+from jaxidx.models.router import MLP, RepeatedMLP
+from jaxidx.partition import Partition, bucket_stats
+from jaxidx.train import batches as B_
+from jaxidx.train import mesh as mesh_lib
+
+log = logging.getLogger(__name__)
+
+KMEANS_KINDS = ("auto", "l2", "spherical")
+
+
+# --- pure model maths ------------------------------------------------------------------------------
+def apply_nodes(mlp: MLP, nets: dict, x: jax.Array) -> jax.Array:
+    """Each node's MLP on its own inputs: stacked params [n, ...], x [b, n, d] -> logits [b, n, C]."""
+    return jax.vmap(lambda p, xi: mlp.apply({"params": p}, xi)[1], in_axes=(0, 1), out_axes=1)(nets, x)
+
+
+def centroid_targets(x: jax.Array, centroids: jax.Array, temperature: float, spherical: bool) -> jax.Array:
+    """Soft targets [b, n, C]: softmax over each node's children of the k-means score (inner product if
+    spherical, else -squared distance up to a per-point constant) divided by the temperature.
+    x [b, n, d], centroids [n, C, d]; all-zero centroids (children without points) get no mass."""
+    ip = jnp.einsum("bnd,ncd->bnc", x, centroids)
+    score = ip if spherical else 2.0 * ip - jnp.sum(centroids * centroids, -1)[None]
+    valid = jnp.any(centroids != 0, axis=-1)[None]
+    return jax.nn.softmax(jnp.where(valid, score / temperature, -jnp.inf), axis=-1)
+
+
+def node_loss(logits: jax.Array, labels: jax.Array, weight: jax.Array,
+              targets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy of each node on its children's k-means labels, or on soft `targets`
+    when given: (weighted mean loss, accuracy of the argmax against the labels)."""
+    if targets is None:
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+        ce = optax.softmax_cross_entropy(logits, targets)
+    denom = jnp.maximum(weight.sum(), 1.0)
+    acc = ((logits.argmax(-1) == labels) * weight).sum() / denom
+    return (ce * weight).sum() / denom, acc
+
+
+def leaf_log_probs(level_logits: list[jax.Array]) -> jax.Array:
+    """Path log-probabilities of every leaf [b, L] from each level's logits [b, n_l, C_l].
+
+    Node j of level l+1 is child j % C_l of node j // C_l, so a leaf's id is its
+    path read as mixed-radix digits and log p(leaf) = sum of log-softmaxes on the path.
+    """
+    logp = jnp.zeros((level_logits[0].shape[0], 1), jnp.float32)
+    for logits in level_logits:
+        logp = (logp[:, :, None] + jax.nn.log_softmax(logits, axis=-1)).reshape(logp.shape[0], -1)
+    return logp
+
+
+def select_leaves(sizes: np.ndarray, leaves: np.ndarray, max_candidates: int = 0) -> np.ndarray:
+    """Which of each query's ranked leaves [Q, P] (-1 = none) are visited: all of them, or, with
+    a budget, leaves in order while fewer than `max_candidates` candidates are gathered
+    (the first leaf always). Returns the visited leaves' sizes [Q, P] (0 = not visited)."""
+    lens = np.where(leaves >= 0, sizes[np.maximum(leaves, 0)], 0).astype(np.int64)
+    if max_candidates:
+        before = np.cumsum(lens, axis=1) - lens
+        lens[:, 1:] *= before[:, 1:] < max_candidates
+    return lens
+
+
+def candidate_ranges(offsets: np.ndarray, leaves: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (cand_offsets [Q+1] int64, cand_ids int32) of the layout rows of each query's visited leaves:
+    leaf b's rows are offsets[b]:offsets[b+1], so the ids are runs of consecutive rows."""
+    flat = lens.ravel()
+    cand_offsets = np.zeros(lens.shape[0] + 1, np.int64)
+    np.cumsum(lens.sum(1), out=cand_offsets[1:])
+    run_start = np.cumsum(flat) - flat
+    shift = (offsets[np.maximum(leaves, 0)].ravel() - run_start).astype(np.int32)
+    ids = np.arange(int(cand_offsets[-1]), dtype=np.int32)
+    ids += np.repeat(shift, flat)
+    return cand_offsets, ids
+
+
+def repair_empty(leaf: np.ndarray, kmeans_leaf: np.ndarray, n_leaves: int) -> tuple[np.ndarray, int]:
+    """A leaf the networks give no points takes back the points k-means put in it.
+    Returns (new leaf of every point, number of points moved)."""
+    empty = np.bincount(leaf, minlength=n_leaves) == 0
+    move = empty[kmeans_leaf]
+    return np.where(move, kmeans_leaf, leaf).astype(np.int32), int(move.sum())
+
+
+# --- k-means tree ----------------------------------------------------------------------------------
+def kmeans_tree(x: np.ndarray, levels, *, spherical: bool, n_iter: int, init: str, max_points_per_centroid: int,
+                init_points_per_centroid: int, seed: int, mesh=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Hierarchical k-means: each node's points are clustered into `levels[l]` children.
+
+    Returns labels [depth, N] (each point's node id at depth l+1, mixed-radix as in
+    `leaf_log_probs`) and the centroids of each level [n_l, C_l, d]. A node with
+    fewer points than children gives one point per child and leaves the rest empty.
+    """
+    n, d = x.shape
+    node = np.zeros(n, np.int64)
+    labels, centroids = [], []
+    for lvl, C in enumerate(levels):
+        n_nodes = math.prod(levels[:lvl])
+        cents = np.zeros((n_nodes, C, d), np.float32)
+        child = np.zeros(n, np.int64)
+        order = np.argsort(node, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(node, minlength=n_nodes))])
+        for j in range(n_nodes):
+            idx = order[bounds[j]:bounds[j + 1]]
+            if len(idx) < C:
+                child[idx] = np.arange(len(idx))
+                cents[j, :len(idx)] = x[idx]
+                continue
+            r = km.kmeans(x[idx], C, n_iter=n_iter, init=init, spherical=spherical,
+                          sample=max_points_per_centroid * C, init_sample=init_points_per_centroid * C,
+                          seed=(seed * 1_000_003 + lvl * 10_007 + j) % (2**31), mesh=mesh)
+            child[idx] = r.labels
+            cents[j] = r.centroids
+        node = node * C + child
+        labels.append(node.astype(np.int32))
+        centroids.append(cents)
+    return np.stack(labels), centroids
+
+
+def validate_config(config, data) -> None:
+    m, t = config.model, config.train
+    validate_common(config)
+    if not isinstance(data, ANNData):
+        raise TypeError(f"LMI indexes ANN data; got {type(data).__name__}")
+    levels = tuple(m.levels)
+    if not levels or min(levels) < 2:
+        raise ValueError(f"model.levels: need at least one level and >= 2 children per node, got {levels}")
+    if len(m.hidden) != len(levels):
+        raise ValueError(f"model.hidden: one tuple of widths per level ({len(levels)}), got {len(m.hidden)}")
+    if config.kmeans.kind not in KMEANS_KINDS:
+        raise ValueError(f"kmeans.kind: unknown {config.kmeans.kind!r}; valid: {', '.join(KMEANS_KINDS)}")
+    if config.kmeans.init not in km.INITS:
+        raise ValueError(f"kmeans.init: unknown {config.kmeans.init!r}; valid: {', '.join(km.INITS)}")
+    if t.target_temperature < 0:
+        raise ValueError(f"train.target_temperature: must be >= 0 (0 = hard labels), got {t.target_temperature}")
+    if t.node_batch_size < 0:
+        raise ValueError(f"train.node_batch_size: must be >= 0 (0 = auto), got {t.node_batch_size}")
+    n_leaves = math.prod(levels)
+    for s in config.search.settings:
+        if not 1 <= s.get("n_probe", 0) <= n_leaves:
+            raise ValueError(f"search.settings: n_probe={s.get('n_probe')} must be in [1, {n_leaves} leaves]")
+        if s.get("max_candidates", 0) < 0:
+            raise ValueError(f"search.settings: max_candidates={s['max_candidates']} must be >= 0 (0 = no budget)")
+
+
+class LMI:
+    """Trainable LMI tree on ANN data; `index(params, aux)` gives the searchable index."""
+
+    name = "lmi"
+
+    def __init__(self, config, data, mesh):
+        validate_config(config, data)
+        self.config, self.data, self.mesh = config, data, mesh
+        m, t = config.model, config.train
+        self.levels = tuple(int(c) for c in m.levels)
+        self.n_nodes = [math.prod(self.levels[:lvl]) for lvl in range(len(self.levels))]
+        self.n_leaves = math.prod(self.levels)
+        self.mlps = [MLP(tuple(h), c, 0, m.init_std) for h, c in zip(m.hidden, self.levels)]
+        self.models = [RepeatedMLP(n, tuple(h), c, 0, m.init_std)
+                       for n, h, c in zip(self.n_nodes, m.hidden, self.levels)]
+        kind = config.kmeans.kind
+        self.spherical = kind == "spherical" or (kind == "auto" and data.metric == "angular")
+        n_data = mesh_lib.data_size(mesh)
+        self.batch_size = t.batch_size
+        # Per-node batch of the deeper levels: given, or the level's share of the batch (a multiple of the
+        # data-parallel devices, as every batch array is split over them).
+        self.node_batch = [t.batch_size] + [
+            t.node_batch_size or n_data * max(1, math.ceil(t.batch_size / n / n_data)) for n in self.n_nodes[1:]]
+        for lvl, bs in enumerate(self.node_batch):
+            if bs % n_data:
+                raise ValueError(f"train.node_batch_size: {bs} (level {lvl}) is not divisible by the {n_data} "
+                                 f"data-parallel devices")
+        self.x = data.base
+        self.steps_per_epoch = B_.steps_per_epoch(data.n_items, self.batch_size)
+        self._tree = None  # k-means tree labels the batches are drawn from (set by init / device_aux)
+
+    # --- Trainable ---------------------------------------------------------------------------------
+    def init(self, rng):
+        if self._tree is None:
+            k = self.config.kmeans
+            labels, cents = kmeans_tree(self.x, self.levels, spherical=self.spherical, n_iter=k.n_iter, init=k.init,
+                                        max_points_per_centroid=k.max_points_per_centroid,
+                                        init_points_per_centroid=k.init_points_per_centroid, seed=self.config.seed,
+                                        mesh=self.mesh)
+            self._set_tree(labels)
+            self._centroids = cents
+            log.info("k-means tree %s: leaf sizes %s", list(self.levels), _size_stats(self._sizes[-1]))
+        params = {f"level{lvl}": jax.jit(model.init)(jax.random.fold_in(rng, lvl), self.x[:1])["params"]
+                  for lvl, model in enumerate(self.models)}
+        aux = {"labels": self._tree, "leaf": np.full(self.data.n_items, -1, np.int32)}
+        aux.update({f"centroids{lvl}": c for lvl, c in enumerate(self._centroids)})
+        return params, aux
+
+    def optimizer(self, total_steps):
+        return optax.adam(self.config.train.learning_rate)
+
+    def loss(self, params, batch, aux, rng):
+        total, metrics = 0.0, {}
+        tau = self.config.train.target_temperature
+        for lvl, mlp in enumerate(self.mlps):
+            x = batch[f"x{lvl}"]
+            logits = apply_nodes(mlp, params[f"level{lvl}"]["nets"], x)
+            targets = centroid_targets(x, aux[f"centroids{lvl}"], tau, self.spherical) if tau > 0 else None
+            loss, acc = node_loss(logits, batch[f"y{lvl}"], batch[f"w{lvl}"], targets)
+            total = total + loss
+            metrics[f"loss{lvl}"], metrics[f"accuracy{lvl}"] = loss, acc
+        return total, metrics
+
+    def batch(self, epoch, index):
+        order = B_.epoch_order(self.data.n_items, self.config.seed, epoch)
+        rows, weight = B_.batch_rows(order, index, self.batch_size)
+        out = {"x0": self.x[rows][:, None], "y0": self._tree[0][rows][:, None], "w0": weight[:, None]}
+        rng = np.random.default_rng([self.config.seed, 11, epoch, index])
+        for lvl in range(1, len(self.levels)):
+            sizes, start = self._sizes[lvl - 1], self._starts[lvl - 1]
+            u = rng.random((self.node_batch[lvl], self.n_nodes[lvl]))
+            pos = start + np.minimum((u * sizes).astype(np.int64), np.maximum(sizes - 1, 0))
+            rows = self._members[lvl - 1][np.minimum(pos, self.data.n_items - 1)]
+            out[f"x{lvl}"] = self.x[rows]
+            out[f"y{lvl}"] = self._tree[lvl][rows] % self.levels[lvl]
+            out[f"w{lvl}"] = np.broadcast_to(sizes > 0, u.shape).astype(np.float32)
+        return out
+
+    def device_aux(self, aux):
+        """The centroids, for soft targets; the host-side per-node rows follow the (restored) tree labels."""
+        if not np.array_equal(aux["labels"], self._tree):
+            self._set_tree(np.asarray(aux["labels"]))
+        if self.config.train.target_temperature > 0:
+            return {k: v for k, v in aux.items() if k.startswith("centroids")}
+        return {}
+
+    def end_of_epoch(self, epoch, params, aux):
+        """After the last epoch, place every base vector in its predicted leaf (saved with the params)."""
+        if epoch < self.config.train.epochs:
+            return aux, {}
+        leaf = self.assign_leaves(params, aux["labels"])
+        return dict(aux, leaf=leaf), _size_stats(np.bincount(leaf, minlength=self.n_leaves))
+
+    def leaf_spec(self, leaf):
+        return P()
+
+    def shapes(self):
+        return {"n_items": self.data.n_items, "dim": self.data.dim, "levels": list(self.levels),
+                "hidden": [list(h) for h in self.config.model.hidden]}
+
+    # --- routing and bucket layout -----------------------------------------------------------------
+    def leaf_logp(self, params, x: jax.Array) -> jax.Array:
+        """Path log-probability of every leaf [b, L] for queries x [b, d] (pure; jitted by the callers)."""
+        return leaf_log_probs([model.apply({"params": params[f"level{lvl}"]}, x)[1]
+                               for lvl, model in enumerate(self.models)])
+
+    def chunks(self, x: np.ndarray):
+        """Yield (chunk, n): x in blocks of `search.query_batch` rows, the last zero-padded to the
+        same shape, so each jitted function compiles once; n is the number of real rows."""
+        bs = self.config.search.query_batch
+        for s in range(0, len(x), bs):
+            chunk = np.ascontiguousarray(x[s:s + bs], np.float32)
+            n = len(chunk)
+            if n < bs:
+                chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], np.float32)])
+            yield chunk, n
+
+    def assign_leaves(self, params, tree_labels: np.ndarray) -> np.ndarray:
+        """Leaf of largest path probability for every base vector; with `index.repair_empty`, a leaf
+        nobody is routed to takes back the points k-means put in it."""
+        leaf = np.concatenate([np.asarray(_best_leaf(self.leaf_logp, params, c))[:n]
+                               for c, n in self.chunks(self.x)]).astype(np.int32)
+        if self.config.index.repair_empty:
+            leaf, moved = repair_empty(leaf, tree_labels[-1], self.n_leaves)
+            if moved:
+                log.info("repaired empty leaves by moving %d points back to their k-means leaf", moved)
+        return leaf
+
+    def index(self, params, aux) -> "LMIIndex":
+        leaf = np.asarray(aux["leaf"])
+        if (leaf < 0).any():  # not trained to the end (or epochs = 0): place the points now
+            leaf = self.assign_leaves(params, np.asarray(aux["labels"]))
+        return LMIIndex.build(self, params, leaf)
+
+    def _set_tree(self, labels: np.ndarray) -> None:
+        self._tree = labels
+        self._members, self._starts, self._sizes = [], [], []
+        for lvl in range(len(self.levels)):
+            n = self.n_nodes[lvl + 1] if lvl + 1 < len(self.levels) else self.n_leaves
+            sizes = np.bincount(labels[lvl], minlength=n)
+            self._members.append(np.argsort(labels[lvl], kind="stable"))
+            self._starts.append(np.cumsum(sizes) - sizes)
+            self._sizes.append(sizes)
+
+
+@dataclasses.dataclass
+class LMIIndex:
+    """Trained LMI networks with the base vectors laid out contiguously per leaf."""
+
+    method: LMI
+    params: dict
+    partition: Partition  # R = 1: offsets [1, L+1], members [1, N] = original id of each layout row
+    vectors: np.ndarray  # [N, d] float32, base rows in layout order
+    stats: dict
+
+    @classmethod
+    def build(cls, method: LMI, params, leaf: np.ndarray) -> "LMIIndex":
+        partition = Partition.from_assignment(leaf[None], method.n_leaves)
+        vectors = np.ascontiguousarray(method.data.base[partition.members[0]], np.float32)
+        stats = _size_stats(partition.sizes()[0])
+        log.info("LMI bucket sizes over %d leaves: %s", method.n_leaves, stats)
+        return cls(method, jax.device_put(params), partition, vectors, stats)
+
+    def route(self, queries, n_probe: int):
+        """Yield, per block of queries, (queries [n, d], leaves [n, n_probe]): the n_probe non-empty
+        leaves of largest path probability, best first, -1 where fewer leaves are non-empty."""
+        nonempty = jnp.asarray(self.partition.sizes()[0] > 0)
+        for chunk, n in self.method.chunks(queries):
+            logp, ids = _top_leaves(self.method.leaf_logp, self.params, nonempty, n_probe, chunk)
+            yield chunk[:n], np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32)
+
+    def search(self, queries, setting: dict, k: int) -> SearchResult:
+        """Visit each query's leaves best first (`n_probe`, optional `max_candidates` budget), re-rank
+        their vectors exactly; query blocks keep the candidate lists small enough to stay in cache."""
+        sizes, offsets = self.partition.sizes()[0], self.partition.offsets[0]
+        cfg, metric = self.method.config.search, self.method.data.kernel_metric
+        ids, dist, n_cand = [], [], []
+        for q, leaves in self.route(queries, setting["n_probe"]):
+            cand = candidate_ranges(offsets, leaves, select_leaves(sizes, leaves, setting.get("max_candidates", 0)))
+            rows, d, n = kernels.rerank_topk(q, self.vectors, cand, k, metric, cfg.n_threads)
+            ids.append(np.where(rows >= 0, self.partition.members[0][np.maximum(rows, 0)], -1).astype(np.int32))
+            dist.append(d)
+            n_cand.append(n)
+        return SearchResult(ids=np.concatenate(ids), n_candidates=np.concatenate(n_cand), dist=np.concatenate(dist))
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _best_leaf(route, params, x):
+    return route(params, x).argmax(-1)
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _top_leaves(route, params, nonempty, n_probe, x):
+    logp = jnp.where(nonempty, route(params, x), -jnp.inf)
+    return jax.lax.top_k(logp, n_probe)
+
+
+def _size_stats(sizes: np.ndarray) -> dict:
+    """Bucket-size distribution (empty buckets counted): bucket_stats plus quantiles."""
+    stats = bucket_stats(np.asarray(sizes)[None])
+    q = np.percentile(sizes, [0, 50, 90, 99])
+    stats.update(min=float(q[0]), p50=float(q[1]), p90=float(q[2]), p99=float(q[3]),
+                 n_empty=int((np.asarray(sizes) == 0).sum()))
+    return stats
