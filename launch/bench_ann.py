@@ -29,7 +29,8 @@ from jaxidx.runner import restore  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", None, "Run directories of trained indexes (one or more).")
 flags.DEFINE_string("data", None, "Data spec override (default: each checkpoint's own).")
-flags.DEFINE_string("settings", None, 'Search settings override, JSON, e.g. \'[{"m": 8, "min_count": 2}]\'.')
+flags.DEFINE_multi_string("settings", [], 'Search settings override per --workdir, in the same order, JSON, '
+                          'e.g. \'[{"m": 8, "min_count": 2}]\' (missing: the checkpoint\'s own).')
 flags.DEFINE_integer("threads", 1, "Cores for every method's search (the process is pinned).")
 flags.DEFINE_list("nprobe", "1,2,4,8,16,32,64,128", "faiss IVF-Flat nprobe sweep.")
 flags.DEFINE_list("ef", "10,20,40,80,160,320", "hnswlib ef sweep.")
@@ -103,12 +104,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     rows, builds, data, nlist = [], {}, None, None
-    for wd in FLAGS.workdir:
+    for i, wd in enumerate(FLAGS.workdir):
         overrides = {"search.n_threads": FLAGS.threads}
         if FLAGS.data:
             overrides["data"] = FLAGS.data
-        if FLAGS.settings:
-            overrides["search.settings"] = json.loads(FLAGS.settings)
+        if i < len(FLAGS.settings):
+            overrides["search.settings"] = json.loads(FLAGS.settings[i])
         config, method, data_i, params, aux, step, meta = restore(wd, overrides=overrides)
         if data is not None and data_i.fingerprint() != data.fingerprint():
             raise ValueError(f"--workdir {wd}: trained on other data than {FLAGS.workdir[0]}")
