@@ -29,3 +29,28 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> 
     if out.returncode != 0:
         raise AssertionError(f"subprocess failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def crash_and_resume(method, config, data, mesh, tmp_path):
+    """Train run `a` to the end; copy it to `b`, drop every checkpoint after its first mid-epoch
+    one (a crash), rerun `b`. Returns (uninterrupted FitResult, resumed FitResult)."""
+    import shutil
+    from jaxidx.train.loop import fit
+    full = fit(method, config, str(tmp_path / "a"), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    ck = tmp_path / "b" / "checkpoints"
+    steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
+    keep = [s for s in steps if s % method.steps_per_epoch][0]  # a mid-epoch checkpoint
+    for s in steps:
+        if s > keep:
+            shutil.rmtree(ck / str(s))
+    resumed = fit(method, config, str(tmp_path / "b"), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    return full, resumed
+
+
+def assert_same_params(a, b):
+    """Bit-identical parameter trees."""
+    import jax
+    import numpy as np
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

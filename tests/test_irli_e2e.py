@@ -1,13 +1,12 @@
 """IRLI end to end on tiny data: train, re-partition, search (both modes), checkpoints, resume, devices."""
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from helpers import load_config, run_python
+from helpers import assert_same_params, crash_and_resume, load_config, run_python
 from jaxidx.data import load
 from jaxidx.partition import Partition, bucket_stats
 from jaxidx.runner import build, evaluate_checkpoint, restore, train_and_evaluate
@@ -111,20 +110,10 @@ def test_xmc_unseen_labels_keep_their_bucket():
 def test_resume_is_bit_identical(tmp_path):
     config = load_config("configs/irli.py:tiny", **{"train.checkpoint_every_steps": 7, "train.keep_checkpoints": 50})
     method, data, mesh = build(config)
-    full = fit(method, config, str(tmp_path / "a"), mesh, data_fingerprint=data.fingerprint(), progress=False)
-    # Simulate a crash: copy run a, drop every checkpoint after an early mid-epoch step, rerun.
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    ck = tmp_path / "b" / "checkpoints"
-    steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
-    keep = [s for s in steps if s % method.steps_per_epoch][0]  # a mid-epoch checkpoint
-    for s in steps:
-        if s > keep:
-            shutil.rmtree(ck / str(s))
-    resumed = fit(method, config, str(tmp_path / "b"), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    full, resumed = crash_and_resume(method, config, data, mesh, tmp_path)
     assert resumed.step == full.step
     np.testing.assert_array_equal(resumed.aux["assign"], full.aux["assign"])
-    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_params(full.params, resumed.params)
 
 
 def test_checkpoint_refused_for_other_data(tmp_path):

@@ -1,14 +1,13 @@
 """LMI: tree maths, search order, empty buckets, starter and tree end to end, resume, devices."""
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import load_config, run_python
+from helpers import assert_same_params, crash_and_resume, load_config, run_python
 from jaxidx.methods.lmi import (LMIIndex, candidate_ranges, centroid_targets, leaf_log_probs, node_loss,
                                 repair_empty, select_leaves)
 from jaxidx.runner import build, evaluate_checkpoint, restore, train_and_evaluate
@@ -162,19 +161,10 @@ def test_resume_gives_the_same_index(tmp_path):
     config = load_config("configs/lmi.py:tiny", **{"data": _SMALL, "train.epochs": 1, "train.checkpoint_every_steps": 10,
                                                   "train.keep_checkpoints": 50})
     method, data, mesh = build(config)
-    full = fit(method, config, str(tmp_path / "a"), mesh, data_fingerprint=data.fingerprint(), progress=False)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    ck = tmp_path / "b" / "checkpoints"
-    steps = sorted(int(p.name) for p in ck.iterdir() if p.name.isdigit())
-    keep = [s for s in steps if s % method.steps_per_epoch][0]  # a mid-epoch checkpoint
-    for s in steps:
-        if s > keep:
-            shutil.rmtree(ck / str(s))
-    resumed = fit(method, config, str(tmp_path / "b"), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    full, resumed = crash_and_resume(method, config, data, mesh, tmp_path)
     assert resumed.step == full.step
     np.testing.assert_array_equal(resumed.aux["leaf"], full.aux["leaf"])
-    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_params(full.params, resumed.params)
     a = method.index(full.params, full.aux).search(data.queries, {"n_probe": 2}, 10)
     b = method.index(resumed.params, resumed.aux).search(data.queries, {"n_probe": 2}, 10)
     np.testing.assert_array_equal(a.ids, b.ids)
