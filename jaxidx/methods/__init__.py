@@ -10,4 +10,7 @@ def get_method(name: str):
     if name == "lmi":
         from jaxidx.methods.lmi import LMI
         return LMI
-    raise ValueError(f"method: unknown {name!r}; valid: irli, lmi")
+    if name == "elias":
+        from jaxidx.methods.elias import ELIAS
+        return ELIAS
+    raise ValueError(f"method: unknown {name!r}; valid: irli, lmi, elias")

@@ -44,16 +44,26 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Input) -> tuple[jax.Array, jax.Array]:
-        h = x
-        for i, width in enumerate(self.hidden):
-            if i == 0 and self.n_features:
-                h = SparseDense(self.n_features, width, self.init_std, name="layer0")(h)
-            else:
-                h = nn.Dense(width, kernel_init=_init(self.init_std), name=f"layer{i}")(h)
-            h = nn.relu(h)
         if not self.hidden and self.n_features:
             raise ValueError("model.hidden: a sparse-input router needs at least one hidden layer")
+        h = hidden_layers(x, self.hidden, self.n_features, self.init_std)
         return h, nn.Dense(self.out, kernel_init=_init(self.init_std), name="head")(h)
+
+
+def hidden_layers(x: Input, hidden: Sequence[int], n_features: int, init_std: float) -> jax.Array:
+    """ReLU layers named layer0, layer1, ... (layer0 an embedding bag when n_features > 0).
+
+    Call it from a module's compact `__call__`: the layers become that module's
+    submodules (flax parents them to the module being called).
+    """
+    h = x
+    for i, width in enumerate(hidden):
+        if i == 0 and n_features:
+            h = SparseDense(n_features, width, init_std, name="layer0")(h)
+        else:
+            h = nn.Dense(width, kernel_init=_init(init_std), name=f"layer{i}")(h)
+        h = nn.relu(h)
+    return h
 
 
 class RepeatedMLP(nn.Module):

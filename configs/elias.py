@@ -1,0 +1,89 @@
+"""ELIAS presets: `--config=configs/elias.py:NAME` with NAME one of the keys of PRESETS.
+
+Published settings (DESIGN.md): max_leaf 100, alpha 10, beta 150, beam 20,
+kappa 1000, K 2000, lambda 0.05, AdamW (weight decay 0.01), warmup 10% then
+linear decay, encoder lr 2e-4 / classifier lr 5e-3 for a fine-tuned
+transformer. Here the encoder is an MLP over tf-idf / bag-of-words trained
+from scratch, kappa is 128-256 for small data, and epochs are scaled to a
+2-core CPU. Stage 1 trains for train.epochs, stage 2 for train.stage2_epochs.
+"""
+import ml_collections
+
+from jaxidx.config import base_config, preset
+
+
+def _elias(data: str) -> ml_collections.ConfigDict:
+    c = base_config("elias", data)
+    c.model = ml_collections.ConfigDict()
+    c.model.input = "sparse"          # 'sparse': embedding-bag first layer; 'dense': densified features
+    c.model.hidden = (512,)           # encoder widths; phi has width hidden[-1]
+    c.model.dropout = 0.5             # on phi, as in the original
+    c.model.init_std = 0.0            # encoder init: 0 = lecun normal, > 0 = truncated normal std
+    c.model.max_leaf = 100            # C = 2^ceil(log2(L / max_leaf)) clusters
+    c.model.alpha = 10.0              # s_c = min(1, alpha * softmax)
+    c.model.beta = 150.0              # a_cl = min(1, beta * row softmax)  (stage 2)
+    c.model.beam = 20                 # b: clusters kept per example (also for the approximate adjacency)
+    c.model.teacher_extra = 5         # training beam = b + this, the positives' clusters first
+    c.model.kappa = 256               # labels per cluster row of the stage-2 adjacency
+    c.model.keep_best_edge = True     # every label keeps its best row in A (else rare labels can lose all edges)
+    c.model.shortlist = 2000          # K: labels scored per example in training
+    c.model.lam = 0.05                # weight of the shortlist (path) loss
+    c.model.layout = "dense"          # training arrays: 'dense' [batch, L] (fast on CPU for L up to ~1e5)
+                                      # or 'sparse' [batch, K] (sort-based; no [batch, L] array, for huge L)
+    c.model.label_multiple = 128      # label rows padded to a multiple of this (so 'model' sharding divides it)
+    c.train.epochs = 10               # stage 1
+    c.train.stage2_epochs = 10
+    c.train.learning_rate = 5e-3      # classifiers (cluster, label, edge)
+    c.train.encoder_learning_rate = 1e-3
+    c.train.weight_decay = 0.01
+    c.train.warmup = 0.1
+    c.train.stage2_reinit_labels = True  # stage 2 starts the label classifiers afresh (as the original)
+    c.search.query_batch = 256
+    c.search.settings = [{"beam": 10, "shortlist": 200}, {"beam": 20, "shortlist": 500}]
+    return c
+
+
+def tiny():
+    """Synthetic, seconds: for tests and smoke runs."""
+    c = _elias("synthetic-xmc:n=2000,test=300,features=300,labels=100,seed=0")
+    c.model.update(hidden=(32,), max_leaf=10, beam=4, teacher_extra=2, kappa=16, shortlist=40, dropout=0.1)
+    c.train.update(epochs=2, stage2_epochs=2, batch_size=128, log_every=10)
+    c.search.settings = [{"beam": 4, "shortlist": 40}, {"beam": 4, "shortlist": 40, "backend": "device"}]
+    return c
+
+
+def bibtex():
+    c = _elias("bibtex")
+    c.model.update(input="dense", max_leaf=10, beam=8, kappa=64)
+    c.train.update(epochs=20, stage2_epochs=20, batch_size=128)
+    c.search.settings = [{"beam": 8, "shortlist": 159}, {"beam": 16, "shortlist": 159}]
+    return c
+
+
+def delicious():
+    c = _elias("delicious")
+    c.model.update(input="dense", max_leaf=32, beam=12, kappa=256)
+    c.train.update(epochs=15, stage2_epochs=15, batch_size=256)
+    c.search.settings = [{"beam": 12, "shortlist": 500}, {"beam": 32, "shortlist": 983}]
+    return c
+
+
+def debian_depends():
+    c = _elias("debian-depends")
+    c.model.update(max_leaf=100, beam=20, kappa=256)
+    c.train.update(epochs=10, stage2_epochs=10, batch_size=256)
+    c.search.settings = [{"beam": 10, "shortlist": 200}, {"beam": 20, "shortlist": 500},
+                         {"beam": 20, "shortlist": 500, "backend": "device"}]
+    return c
+
+
+PRESETS = {
+    "tiny": tiny,
+    "bibtex": bibtex,
+    "delicious": delicious,
+    "debian-depends": debian_depends,
+}
+
+
+def get_config(arg=None):
+    return preset(PRESETS, arg, "tiny")
