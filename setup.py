@@ -31,7 +31,7 @@ setup(
     install_requires=[
         "jax>=0.10",
         "flax>=0.10",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "numpy>=1.26",
         "scipy>=1.11",

@@ -4,9 +4,12 @@ Published settings (DESIGN.md): BLISS ANN B=4096, R=4, K=2, hidden 512, 20
 epochs; IRLI XMC B=3000, R=16-32, K=10. The presets here are scaled to run on
 a 2-core CPU; override any field with `--config.model.n_buckets=4096` etc.
 """
+import math
+
 import ml_collections
 
-from jaxidx.config import base_config, preset
+from jaxidx.config import base_config, budget_epochs, pow2_near, preset
+from jaxidx.data.synthetic import scaling_ann_spec, scaling_xmc_rows, scaling_xmc_spec
 
 
 def _irli(data: str) -> ml_collections.ConfigDict:
@@ -85,6 +88,30 @@ def _xmc(data, n_reps, n_buckets, top_k, hidden=256, epochs=20):
     return c
 
 
+def scaling_xmc(n_labels: int, steps: int = 128, n_test: int = 1000):
+    """XMC scaling study (launch/bench_scaling.py) on `scaling_xmc_spec(n_labels)`: B = the power of two
+    near 2 sqrt(L), which balances routing (R H B per query) against candidates (R m L / B); about `steps`
+    steps of 256, rounded up to an even number of epochs (at least 2), re-partitioned once, halfway."""
+    c = _xmc(scaling_xmc_spec(n_labels, n_test), n_reps=4, n_buckets=pow2_near(2 * math.sqrt(n_labels)), top_k=10,
+             hidden=128)
+    epochs = budget_epochs(scaling_xmc_rows(n_labels), c.train.batch_size, steps, multiple=2)
+    c.train.epochs = epochs
+    c.partition.repartition_every = epochs // 2
+    c.search.settings = [{"m": 5, "min_count": 1}]  # the exhaustive MACH mode is O(L) per query: left out
+    return c
+
+
+def scaling_ann(n_base: int, epochs: int = 8, n_queries: int = 1000):
+    """ANN scaling study on `scaling_ann_spec(n_base)`: B = the power of two near sqrt(N), R 4, hidden 128,
+    trained on a 50K-point sample (its exact neighbours cost O(sample x N)), re-partitioned halfway."""
+    c = _ann(_irli(scaling_ann_spec(n_base, n_queries)))
+    c.model.update(n_reps=4, n_buckets=pow2_near(math.sqrt(n_base)), hidden=(128,))
+    c.train.update(epochs=epochs, batch_size=512, max_train_points=50000)
+    c.partition.repartition_every = max(1, epochs // 2)
+    c.search.settings = [{"m": m, "min_count": 1} for m in (1, 2, 4, 8, 16)]
+    return c
+
+
 PRESETS = {
     "tiny": tiny,
     "tiny-xmc": tiny_xmc,
@@ -93,6 +120,10 @@ PRESETS = {
     "bibtex": lambda: _xmc("bibtex", n_reps=16, n_buckets=64, top_k=4, hidden=512),
     "delicious": lambda: _xmc("delicious", n_reps=16, n_buckets=128, top_k=5, hidden=512),
     "debian-depends": lambda: _xmc("debian-depends", n_reps=8, n_buckets=1000, top_k=10),
+    **{f"scaling-xmc-{name}": (lambda n=n: scaling_xmc(n)) for name, n in (("10k", 10**4), ("100k", 10**5),
+                                                                           ("1m", 10**6))},
+    **{f"scaling-ann-{name}": (lambda n=n: scaling_ann(n)) for name, n in (("100k", 100000), ("390k", 390000),
+                                                                           ("1m", 10**6))},
 }
 
 

@@ -7,9 +7,12 @@ k-means for angular data, soft targets, n_probe and candidate-budget sweeps);
 on GloVe one level beats a two-level tree (BENCHMARKS.md, "LMI"). Override any
 field, e.g. `--config.model.levels='(64, 64)' --config.model.hidden='((512,), (128,))'`.
 """
+import math
+
 import ml_collections
 
-from jaxidx.config import base_config, preset
+from jaxidx.config import base_config, pow2_near, preset
+from jaxidx.data.synthetic import scaling_ann_spec
 
 
 def _lmi(data: str) -> ml_collections.ConfigDict:
@@ -79,7 +82,22 @@ def glove():
     return c
 
 
-PRESETS = {"tiny": tiny, "starter": starter, "glove-small": glove_small, "glove": glove}
+def scaling_ann(n_base: int, examples: int = 2 * 10**6, n_queries: int = 1000):
+    """ANN scaling study (launch/bench_scaling.py) on `scaling_ann_spec(n_base)`: one level of B leaves, B =
+    the power of two near sqrt(N), MLP d -> 128 -> B, trained on about `examples` vectors (whole epochs, at
+    least one); searched at fixed candidate budgets."""
+    c = _lmi(scaling_ann_spec(n_base, n_queries))
+    leaves = pow2_near(math.sqrt(n_base))
+    c.model.update(levels=(leaves,), hidden=((128,),))
+    c.train.update(epochs=max(1, round(examples / n_base)), batch_size=1024)
+    c.search.settings = [{"n_probe": leaves, "max_candidates": b}
+                         for b in (250, 500, 1000, 2000, 4000, 8000, 16000) if b <= n_base // 2]
+    return c
+
+
+SCALING_ANN_SIZES = (("100k", 100000), ("390k", 390000), ("1m", 1000000), ("4m", 4000000))
+PRESETS = {"tiny": tiny, "starter": starter, "glove-small": glove_small, "glove": glove,
+           **{f"scaling-ann-{name}": (lambda n=n: scaling_ann(n)) for name, n in SCALING_ANN_SIZES}}
 
 
 def get_config(arg=None):

@@ -1,5 +1,5 @@
 """Benchmark plumbing shared by `launch/bench_*.py`: thread pinning, machine description,
-result tables and plots."""
+the ANN peers (faiss IVF-Flat, hnswlib, brute force), result tables and plots."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
 
 def pin_threads(n: int) -> None:
@@ -18,6 +19,12 @@ def pin_threads(n: int) -> None:
     if n == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+
+def pin_threads_from_argv(default: int = 1) -> None:
+    """`pin_threads` to the script's `--threads=N` (before absl parses flags, so before jax starts)."""
+    given = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")]
+    pin_threads(int(given[-1]) if given else default)
 
 
 def machine() -> str:
@@ -46,6 +53,112 @@ def best_at(rows: list[dict], method: str, target: float, key: str = "recall@10"
     return {"method": method, "reaches": True,
             "min_candidates": min(cands) if cands else None,
             "max_queries_per_second": max(r["queries_per_second"] for r in ok)}
+
+
+def ann_row(method: str, setting: dict, ids, dist_bench, n_cand, seconds: float, data) -> dict:
+    """One result row of an ANN method: recall@10 by id and by distance, candidates, queries/s."""
+    from jaxidx.metrics import knn_recall, knn_recall_distance
+    return {"method": method, "setting": setting, "recall@10": knn_recall(ids, data.gt_ids, 10),
+            "recall@10_distance": knn_recall_distance(dist_bench, data.gt_dist, 10),
+            "candidates_per_query": n_cand, "queries_per_second": len(ids) / seconds}
+
+
+def bench_faiss(data, nlist: int, nprobes, threads: int, build_threads: int = 0):
+    """faiss IVF-Flat (`nlist` lists; built on `build_threads`, default `threads`) over an nprobe sweep,
+    and brute force, searched on `threads`. Returns (rows, {name: build seconds}, IVF index bytes)."""
+    import faiss
+    from jaxidx.data.types import benchmark_distance
+    faiss.omp_set_num_threads(build_threads or threads)
+    d = data.dim
+    ip = data.kernel_metric == "ip"
+    t0 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    index.train(data.base)
+    index.add(data.base)
+    build = time.perf_counter() - t0
+    faiss.omp_set_num_threads(threads)
+    rows = []
+    for nprobe in nprobes:
+        index.nprobe = nprobe
+        faiss.cvar.indexIVF_stats.reset()
+        t0 = time.perf_counter()
+        score, ids = index.search(data.queries, 10)
+        sec = time.perf_counter() - t0
+        ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
+        rows.append(ann_row(f"faiss-ivf-flat (nlist {nlist})", {"nprobe": nprobe}, ids,
+                            benchmark_distance(-score if ip else score, data.metric), ncand, sec, data))
+    n_bytes = int(faiss.serialize_index(index).nbytes)
+    del index
+    flat = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
+    flat.add(data.base)
+    t0 = time.perf_counter()
+    score, ids = flat.search(data.queries, 10)
+    rows.append(ann_row("brute force (faiss flat)", {}, ids, benchmark_distance(-score if ip else score, data.metric),
+                        float(data.n_items), time.perf_counter() - t0, data))
+    return rows, {"faiss-ivf-flat": build}, n_bytes
+
+
+def bench_hnsw(data, efs, threads: int, build_threads: int):
+    """hnswlib (M 16, ef_construction 200; built on `build_threads`, 0 = all usable cores) over an ef sweep
+    on `threads`. Returns (rows, {name: build seconds}, index bytes as saved)."""
+    import hnswlib
+    import numpy as np
+    from jaxidx.data.types import benchmark_distance
+    space = "ip" if data.kernel_metric == "ip" else "l2"
+    t0 = time.perf_counter()
+    index = hnswlib.Index(space=space, dim=data.dim)
+    index.init_index(max_elements=data.n_items, M=16, ef_construction=200, random_seed=0)
+    index.set_num_threads(build_threads or len(os.sched_getaffinity(0)))
+    index.add_items(data.base, np.arange(data.n_items))
+    build = time.perf_counter() - t0
+    index.set_num_threads(threads)
+    rows = []
+    for ef in efs:
+        index.set_ef(max(ef, 10))
+        t0 = time.perf_counter()
+        ids, dist = index.knn_query(data.queries, k=10)
+        sec = time.perf_counter() - t0
+        # hnswlib 'ip' distance is 1 - dot; 'l2' is squared L2: map both to the kernel convention.
+        kernel = dist - 1.0 if space == "ip" else dist
+        rows.append(ann_row("hnswlib (M 16)", {"ef": ef}, ids.astype(np.int64),
+                            benchmark_distance(kernel, data.metric), None, sec, data))
+    return rows, {"hnswlib": build}, int(index.index_file_size())
+
+
+def latency_ms(workdir: str, setting: dict, n: int, k: int = 10) -> dict:
+    """Median and 99th-percentile milliseconds of single-query searches of a trained index (batch of 1,
+    compiled for it) over its first `n` test queries."""
+    import numpy as np
+    from jaxidx.evaluate import test_queries
+    from jaxidx.runner import restore
+    _, task, data, params, aux, _, _ = restore(workdir, overrides={"search.query_batch": 1})
+    index = task.index(params, aux)
+    queries = test_queries(data)
+    n_rows = len(queries["idx"]) if isinstance(queries, dict) else len(queries)
+    one = [{key: v[i:i + 1] for key, v in queries.items()} if isinstance(queries, dict) else queries[i:i + 1]
+           for i in range(min(n, n_rows))]
+    index.search(one[0], setting, k)  # compile
+    times = []
+    for q in one:
+        t0 = time.perf_counter()
+        index.search(q, setting, k)
+        times.append(time.perf_counter() - t0)
+    return {"latency_ms_p50": 1e3 * float(np.median(times)), "latency_ms_p99": 1e3 * float(np.quantile(times, 0.99))}
+
+
+def at_candidates(rows: list[dict], method: str, candidates: float) -> dict:
+    """`method`'s recall@10 and queries/s at `candidates` per query, interpolated linearly in log candidates
+    between the settings either side (None where its sweep does not reach that far)."""
+    import numpy as np
+    pts = sorted((r["candidates_per_query"], r["recall@10"], r["queries_per_second"]) for r in rows
+                 if r["method"] == method and r.get("candidates_per_query"))
+    if not pts or not pts[0][0] <= candidates <= pts[-1][0]:
+        return {"recall@10": None, "queries_per_second": None}
+    c, rec, qps = (np.asarray(v, float) for v in zip(*pts))
+    x = np.log(candidates)
+    return {"recall@10": float(np.interp(x, np.log(c), rec)),
+            "queries_per_second": float(np.exp(np.interp(x, np.log(c), np.log(qps))))}
 
 
 def write_json(path: str, obj) -> None:

@@ -5,6 +5,8 @@ fails instead of silently adding a field.
 """
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 
@@ -41,3 +43,15 @@ def preset(presets: dict, arg: str | None, default: str):
     config = presets[name]()
     config.lock()
     return config
+
+
+def pow2_near(x: float) -> int:
+    """The power of two nearest to x in log scale (at least 2): bucket and cluster counts of scaling presets."""
+    return max(2, 1 << round(math.log2(x)))
+
+
+def budget_epochs(n_rows: int, batch_size: int, steps: int, multiple: int = 1) -> int:
+    """Whole epochs covering at least `steps` batches of `batch_size` over `n_rows` rows, rounded up to a
+    multiple of `multiple` (a fixed step budget for presets whose data grows with a scaling study)."""
+    per_epoch = -(-n_rows // batch_size)
+    return multiple * -(-steps // (multiple * per_epoch))

@@ -14,14 +14,14 @@ import numpy as np
 
 from jaxidx.data.types import ANNData, XMCData, benchmark_distance
 from jaxidx.metrics import candidates_per_query, knn_recall, knn_recall_distance, xmc_report
-from jaxidx.train.batches import pad_sparse_rows
+from jaxidx.train.batches import xmc_inputs
 
 XMC_KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "R@10", "R@100")
 ANN_KEYS = ("recall@10", "recall@10_distance")
 
 
 def test_queries(data):
-    return pad_sparse_rows(data.X_test) if isinstance(data, XMCData) else data.queries
+    return xmc_inputs(data.X_test, data.tokens_test) if isinstance(data, XMCData) else data.queries
 
 
 def evaluate(index, data, settings, k: int = 10) -> list[dict]:

@@ -41,14 +41,14 @@ class MinTree {
 
 }  // namespace
 
-py::array balanced_assign(const py::object& candidates_o, int64_t n_buckets, const py::object& order_o,
-                          int64_t capacity, const py::object& initial_counts_o, int64_t n_choices,
-                          int64_t n_threads) {
+py::array balanced_assign(const py::object& candidates_o, const py::object& n_buckets_o, const py::object& order_o,
+                          const py::object& capacity_o, const py::object& initial_counts_o,
+                          const py::object& n_choices_o, const py::object& n_threads) {
     py::array cand_a = require_array<int32_t>(candidates_o, "candidates", 3);
     const int64_t R = cand_a.shape(0), N = cand_a.shape(1), K = cand_a.shape(2);
-    if (n_buckets <= 0 || n_buckets > INT32_MAX) fail("n_buckets", "must be in [1, 2^31 - 1]");
-    if (capacity < 0) fail("capacity", "must be >= 0 (0 = unbounded)");
-    if (n_choices < 0) fail("n_choices", "must be >= 0 (0 = all candidates)");
+    const int64_t n_buckets = require_int(n_buckets_o, "n_buckets", 1, kInt32Max, "must be in [1, 2^31 - 1]");
+    const int64_t capacity = require_int(capacity_o, "capacity", 0, kInt64Max, "must be >= 0 (0 = unbounded)");
+    const int64_t n_choices = require_int(n_choices_o, "n_choices", 0, kInt64Max, "must be >= 0 (0 = all candidates)");
     const int64_t choices = n_choices == 0 ? K : n_choices;
     if (N > INT32_MAX) fail("candidates", "more than 2^31 - 1 items");
     const int64_t B = n_buckets;
@@ -66,7 +66,7 @@ py::array balanced_assign(const py::object& candidates_o, int64_t n_buckets, con
         require_shape(init_a, "initial_counts", 0, R, "R repetitions");
         require_shape(init_a, "initial_counts", 1, B, "n_buckets");
     }
-    const int threads = resolve_threads(n_threads, R);
+    const int threads = resolve_threads(require_threads(n_threads), R);
     const int32_t* cand = data_of<int32_t>(cand_a);
     const int64_t* init = has_init ? data_of<int64_t>(init_a) : nullptr;
     const int64_t* order64 = has_order && order_i64 ? data_of<int64_t>(order_a) : nullptr;

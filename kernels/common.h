@@ -15,6 +15,7 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -45,6 +46,37 @@ py::array require_array(const py::object& obj, const char* name, int ndim) {
     return a;
 }
 
+// An integer argument (a Python int or anything with __index__, e.g. a NumPy integer) in [lo, hi];
+// otherwise ValueError "name: expected an integer" or "name: <what>, got <value>".
+inline int64_t require_int(const py::object& obj, const char* name, int64_t lo, int64_t hi, const char* what) {
+    if (!PyIndex_Check(obj.ptr())) {
+        fail(name, "expected an integer, got " + std::string(py::str(py::type::of(obj))));
+    }
+    const auto value = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+    if (!value) throw py::error_already_set();
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+    if (overflow || v < lo || v > hi) fail(name, std::string(what) + ", got " + std::string(py::str(value)));
+    return v;
+}
+
+inline std::string require_str(const py::object& obj, const char* name) {
+    if (!py::isinstance<py::str>(obj)) fail(name, "expected a str, got " + std::string(py::str(py::type::of(obj))));
+    return obj.cast<std::string>();
+}
+
+constexpr int64_t kInt32Max = INT32_MAX;
+constexpr int64_t kInt64Max = INT64_MAX;
+
+// k of a top-k: ids are int32, so more than 2^31 - 1 slots could only ever hold padding.
+inline int64_t require_k(const py::object& k, const char* name = "k") {
+    return require_int(k, name, 1, kInt32Max, "must be in [1, 2^31 - 1]");
+}
+
+inline int64_t require_threads(const py::object& n_threads) {
+    return require_int(n_threads, "n_threads", 0, kInt32Max, "must be in [0, 2^31 - 1] (0 = all hardware threads)");
+}
+
 template <class T>
 const T* data_of(const py::array& a) {
     return static_cast<const T*>(a.data());
@@ -58,8 +90,8 @@ inline void require_shape(const py::array& a, const char* name, py::ssize_t axis
     }
 }
 
+// n_threads as checked by require_threads -> workers for n_work items (at least 1, at most n_work).
 inline int resolve_threads(int64_t n_threads, int64_t n_work) {
-    if (n_threads < 0) fail("n_threads", "must be >= 0 (0 = all hardware threads)");
     int64_t t = n_threads;
     if (t == 0) t = std::max(1u, std::thread::hardware_concurrency());
     return static_cast<int>(std::max<int64_t>(1, std::min(t, n_work)));
@@ -67,7 +99,8 @@ inline int resolve_threads(int64_t n_threads, int64_t n_work) {
 
 // Calls fn(thread, begin, end) on chunks of [0, n) from `n_threads` workers
 // (the calling thread is worker 0) that pull chunks from an atomic counter.
-// An exception from any worker is rethrown after all have joined.
+// An exception from any worker is rethrown after all have joined. Where the system
+// cannot start all the threads, the ones started do all the work.
 template <class Fn>
 void parallel_for(int64_t n, int n_threads, int64_t chunk, Fn&& fn) {
     std::atomic<int64_t> next{0};
@@ -87,7 +120,13 @@ void parallel_for(int64_t n, int n_threads, int64_t chunk, Fn&& fn) {
     };
     std::vector<std::thread> pool;
     pool.reserve(n_threads - 1);
-    for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
+    for (int t = 1; t < n_threads; ++t) {
+        try {
+            pool.emplace_back(work, t);
+        } catch (const std::system_error&) {
+            break;
+        }
+    }
     work(0);
     for (auto& th : pool) th.join();
     if (error) std::rethrow_exception(error);

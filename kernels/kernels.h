@@ -6,18 +6,24 @@
 
 namespace jaxidx {
 
+// Integer and string options arrive as plain objects too: each is checked (require_int /
+// require_str) so that a bad one raises ValueError naming it, never a TypeError.
 py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offsets, const py::object& members,
-                           int64_t min_count, int64_t min_candidates, int64_t n_items, int64_t n_threads);
+                           const py::object& min_count, const py::object& min_candidates, const py::object& n_items,
+                           const py::object& n_threads);
 py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scores, const py::object& offsets,
-                     const py::object& members, const py::object& weights, int64_t k, int64_t min_count,
-                     const std::string& agg, int64_t n_items, int64_t n_threads);
+                     const py::object& members, const py::object& weights, const py::object& k,
+                     const py::object& min_count, const py::object& agg, const py::object& n_items,
+                     const py::object& n_threads);
 
-py::tuple topk_rows(const py::object& x, int64_t k, int64_t n_threads);
+py::tuple topk_rows(const py::object& x, const py::object& k, const py::object& n_threads);
 
 py::tuple rerank_topk(const py::object& queries, const py::object& base, const py::object& cand_offsets,
-                      const py::object& cand_ids, int64_t k, const std::string& metric, int64_t n_threads);
+                      const py::object& cand_ids, const py::object& k, const py::object& metric,
+                      const py::object& n_threads);
 
-py::array balanced_assign(const py::object& candidates, int64_t n_buckets, const py::object& order,
-                          int64_t capacity, const py::object& initial_counts, int64_t n_choices, int64_t n_threads);
+py::array balanced_assign(const py::object& candidates, const py::object& n_buckets, const py::object& order,
+                          const py::object& capacity, const py::object& initial_counts, const py::object& n_choices,
+                          const py::object& n_threads);
 
 }  // namespace jaxidx

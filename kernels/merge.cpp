@@ -75,9 +75,10 @@ namespace {
 // threshold. With candidates_only, `k` is the number of candidates the threshold
 // relaxes for, and each query's candidates are returned as CSR in ascending id
 // order (the order re-ranking scans the base in) instead of being ranked.
+// The options arrive checked; n_items < 0 means "max member id + 1".
 py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_scores_o, const py::object& offsets_o,
                      const py::object& members_o, const py::object& weights_o, int64_t k, int64_t min_count,
-                     const std::string& agg, int64_t n_items, int64_t n_threads, bool candidates_only) {
+                     bool agg_max, int64_t n_items, int64_t n_threads, bool candidates_only) {
     py::array bids_a = require_array<int32_t>(bucket_ids_o, "bucket_ids", 3);
     py::array bsc_a = require_array<float>(bucket_scores_o, "bucket_scores", 3);
     const int64_t Q = bids_a.shape(0), R = bids_a.shape(1), m = bids_a.shape(2);
@@ -96,11 +97,6 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
         require_shape(w_a, "weights", 0, R, "members' shape");
         require_shape(w_a, "weights", 1, M, "members' shape");
     }
-    if (k <= 0) fail("k", "must be > 0, got " + std::to_string(k));
-    if (min_count < 1) fail("min_count", "must be >= 1, got " + std::to_string(min_count));
-    if (agg != "sum" && agg != "max") fail("agg", "must be 'sum' or 'max', got '" + agg + "'");
-    const bool agg_max = agg == "max";
-    if (n_items < -1) fail("n_items", "must be >= 0 (or None)");
     const int threads = resolve_threads(n_threads, Q);
 
     const int32_t* bids = data_of<int32_t>(bids_a);
@@ -251,31 +247,46 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
     return py::make_tuple(cand_offsets_o, cand_ids_o, ncand_o);
 }
 
+int64_t require_n_items(const py::object& n_items) {
+    if (n_items.is_none()) return -1;
+    return require_int(n_items, "n_items", 0, kInt32Max + 1, "must be in [0, 2^31] (ids are int32) or None");
+}
+
+int64_t require_min_count(const py::object& min_count) {
+    return require_int(min_count, "min_count", 1, kInt64Max, "must be >= 1");
+}
+
 }  // namespace
 
 py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scores, const py::object& offsets,
-                     const py::object& members, const py::object& weights, int64_t k, int64_t min_count,
-                     const std::string& agg, int64_t n_items, int64_t n_threads) {
-    return merge_core(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg, n_items, n_threads,
-                      false);
+                     const py::object& members, const py::object& weights, const py::object& k_o,
+                     const py::object& min_count, const py::object& agg_o, const py::object& n_items,
+                     const py::object& n_threads) {
+    const int64_t k = require_k(k_o), mc = require_min_count(min_count), n = require_n_items(n_items);
+    const std::string agg = require_str(agg_o, "agg");
+    if (agg != "sum" && agg != "max") fail("agg", "must be 'sum' or 'max', got '" + agg + "'");
+    return merge_core(bucket_ids, bucket_scores, offsets, members, weights, k, mc, agg == "max", n,
+                      require_threads(n_threads), false);
 }
 
 py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offsets, const py::object& members,
-                           int64_t min_count, int64_t min_candidates, int64_t n_items, int64_t n_threads) {
+                           const py::object& min_count, const py::object& min_candidates, const py::object& n_items,
+                           const py::object& n_threads) {
+    const int64_t want = require_k(min_candidates, "min_candidates"), mc = require_min_count(min_count);
+    const int64_t n = require_n_items(n_items), threads = require_threads(n_threads);
     // Scores do not matter for the candidate set: route with zeros of the right shape.
     py::array bids = require_array<int32_t>(bucket_ids, "bucket_ids", 3);
     py::array_t<float> zeros({bids.shape(0), bids.shape(1), bids.shape(2)});
     std::fill_n(zeros.mutable_data(), zeros.size(), 0.0f);
-    return merge_core(bucket_ids, zeros, offsets, members, py::none(), min_candidates, min_count, "sum", n_items,
-                      n_threads, true);
+    return merge_core(bucket_ids, zeros, offsets, members, py::none(), want, mc, false, n, threads, true);
 }
 
-py::tuple topk_rows(const py::object& x_o, int64_t k, int64_t n_threads) {
+py::tuple topk_rows(const py::object& x_o, const py::object& k_o, const py::object& n_threads) {
     py::array x_a = require_array<float>(x_o, "x", 2);
-    if (k <= 0) fail("k", "must be > 0, got " + std::to_string(k));
+    const int64_t k = require_k(k_o);
     const int64_t n = x_a.shape(0), c = x_a.shape(1);
     if (c > INT32_MAX) fail("x", "more than 2^31 - 1 columns");
-    const int threads = resolve_threads(n_threads, n);
+    const int threads = resolve_threads(require_threads(n_threads), n);
     const float* x = data_of<float>(x_a);
     py::array_t<int32_t> idx_o({n, k});
     py::array_t<float> vals_o({n, k});

@@ -159,7 +159,8 @@ ScanFn pick_scan(int metric) {
 }  // namespace
 
 py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, const py::object& cand_offsets_o,
-                      const py::object& cand_ids_o, int64_t k, const std::string& metric_name, int64_t n_threads) {
+                      const py::object& cand_ids_o, const py::object& k_o, const py::object& metric_o,
+                      const py::object& n_threads) {
     py::array q_a = require_array<float>(queries_o, "queries", 2);
     py::array x_a = require_array<float>(base_o, "base", 2);
     const int64_t Q = q_a.shape(0), d = q_a.shape(1), N = x_a.shape(0);
@@ -180,7 +181,8 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
         require_shape(oa, "cand_offsets", 0, Q + 1, "Q + 1");
         for (int64_t q = 0; q <= Q; ++q) offsets[q] = i64 ? data_of<int64_t>(oa)[q] : data_of<int32_t>(oa)[q];
     }
-    if (k <= 0) fail("k", "must be > 0, got " + std::to_string(k));
+    const int64_t k = require_k(k_o);
+    const std::string metric_name = require_str(metric_o, "metric");
     int metric;
     if (metric_name == "ip") {
         metric = kIP;
@@ -191,7 +193,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
     } else {
         fail("metric", "must be 'ip', 'cosine' or 'l2', got '" + metric_name + "'");
     }
-    const int threads = resolve_threads(n_threads, Q);
+    const int threads = resolve_threads(require_threads(n_threads), Q);
     const float* qs = data_of<float>(q_a);
     const float* base = data_of<float>(x_a);
     const int32_t* cand = data_of<int32_t>(ids_a);

@@ -7,24 +7,18 @@ Queries are searched in one batch on `--threads` cores (the whole process is
 pinned). Prints a table and the best figures at recall 0.90, writes
 `--out` (JSON) and a PNG of recall@10 vs candidates/query and vs queries/s.
 """
-import sys
 
-from jaxidx.bench import pin_threads
+from jaxidx.bench import pin_threads_from_argv
 
 if __name__ == "__main__":  # pin before jax / faiss start their thread pools
-    _t = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")]
-    pin_threads(int(_t[-1]) if _t else 1)
+    pin_threads_from_argv()
 
 import json  # noqa: E402
-import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from jaxidx import bench  # noqa: E402
-from jaxidx.data.types import benchmark_distance  # noqa: E402
 from jaxidx.evaluate import evaluate, format_results  # noqa: E402
-from jaxidx.metrics import knn_recall, knn_recall_distance  # noqa: E402
 from jaxidx.runner import restore  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", None, "Run directories of trained indexes (one or more).")
@@ -39,65 +33,6 @@ flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build onl
 flags.DEFINE_string("out", "out/bench_ann.json", "JSON result path; the plot goes beside it (.png).")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
-
-
-def _ann_row(method, setting, ids, dist_bench, n_cand, seconds, data):
-    return {"method": method, "setting": setting, "recall@10": knn_recall(ids, data.gt_ids, 10),
-            "recall@10_distance": knn_recall_distance(dist_bench, data.gt_dist, 10),
-            "candidates_per_query": n_cand, "queries_per_second": len(ids) / seconds}
-
-
-def bench_faiss(data, nlist: int, nprobes, threads: int):
-    import faiss
-    faiss.omp_set_num_threads(threads)
-    d = data.dim
-    ip = data.kernel_metric == "ip"
-    t0 = time.perf_counter()
-    quantizer = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
-    index.train(data.base)
-    index.add(data.base)
-    build = time.perf_counter() - t0
-    rows = []
-    for nprobe in nprobes:
-        index.nprobe = nprobe
-        faiss.cvar.indexIVF_stats.reset()
-        t0 = time.perf_counter()
-        score, ids = index.search(data.queries, 10)
-        sec = time.perf_counter() - t0
-        ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
-        rows.append(_ann_row(f"faiss-ivf-flat (nlist {nlist})", {"nprobe": nprobe}, ids,
-                             benchmark_distance(-score if ip else score, data.metric), ncand, sec, data))
-    flat = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
-    flat.add(data.base)
-    t0 = time.perf_counter()
-    score, ids = flat.search(data.queries, 10)
-    rows.append(_ann_row("brute force (faiss flat)", {}, ids, benchmark_distance(-score if ip else score, data.metric),
-                         float(data.n_items), time.perf_counter() - t0, data))
-    return rows, {"faiss-ivf-flat": build}
-
-
-def bench_hnsw(data, efs, threads: int, build_threads: int):
-    import hnswlib
-    space = "ip" if data.kernel_metric == "ip" else "l2"
-    t0 = time.perf_counter()
-    index = hnswlib.Index(space=space, dim=data.dim)
-    index.init_index(max_elements=data.n_items, M=16, ef_construction=200, random_seed=0)
-    index.set_num_threads(build_threads or len(__import__("os").sched_getaffinity(0)))
-    index.add_items(data.base, np.arange(data.n_items))
-    build = time.perf_counter() - t0
-    index.set_num_threads(threads)
-    rows = []
-    for ef in efs:
-        index.set_ef(max(ef, 10))
-        t0 = time.perf_counter()
-        ids, dist = index.knn_query(data.queries, k=10)
-        sec = time.perf_counter() - t0
-        # hnswlib 'ip' distance is 1 - dot; 'l2' is squared L2: map both to the kernel convention.
-        kernel = dist - 1.0 if space == "ip" else dist
-        rows.append(_ann_row("hnswlib (M 16)", {"ef": ef}, ids.astype(np.int64),
-                             benchmark_distance(kernel, data.metric), None, sec, data))
-    return rows, {"hnswlib": build}
 
 
 def main(argv):
@@ -123,11 +58,11 @@ def main(argv):
             rows.append({"method": f"{method.name} (B {index.partition.n_buckets})", "setting": setting,
                          **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
                                               "queries_per_second")}})
-    frows, fb = bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe], FLAGS.threads)
+    frows, fb, _ = bench.bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe], FLAGS.threads)
     rows += frows
     builds.update(fb)
     if FLAGS.hnsw:
-        hrows, hb = bench_hnsw(data, [int(x) for x in FLAGS.ef], FLAGS.threads, FLAGS.hnsw_build_threads)
+        hrows, hb, _ = bench.bench_hnsw(data, [int(x) for x in FLAGS.ef], FLAGS.threads, FLAGS.hnsw_build_threads)
         rows += hrows
         builds.update(hb)
     summary = [bench.best_at(rows, m, 0.90) for m in dict.fromkeys(r["method"] for r in rows)]

@@ -4,33 +4,42 @@ model, measured in the same run on the same split.
     python launch/bench_xmc.py --workdir=runs/irli-bibtex --workdir=runs/elias-bibtex --peers=pecos,ovr
 
 Each --workdir is evaluated from its checkpoint (its best search setting by P@1
-is reported). PECOS runs in its own virtualenv under $JAXIDX_CACHE (created on
+is reported, with queries/s for all test queries in batches and the latency of
+single queries, median and 99th percentile over --latency_queries). The whole
+process is pinned to --threads cores (default 1), peers included. PECOS runs in its own virtualenv under $JAXIDX_CACHE (created on
 first use: libpecos pins numpy < 2). The one-vs-rest peer is scikit-learn
 logistic regression per label (liblinear), skipped above --ovr_max_labels.
 Writes --out (JSON) and prints a table.
 """
-import collections
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
+from jaxidx.bench import pin_threads_from_argv
 
-import numpy as np
-import scipy.sparse as sp
-from absl import app, flags, logging
+if __name__ == "__main__":  # pin before jax starts its thread pools
+    pin_threads_from_argv()
 
-from jaxidx import bench
-from jaxidx.data import cache_dir, load
-from jaxidx.evaluate import format_results
-from jaxidx.metrics import xmc_report
-from jaxidx.runner import evaluate_checkpoint
+import collections  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from jaxidx import bench  # noqa: E402
+from jaxidx.data import cache_dir, load  # noqa: E402
+from jaxidx.evaluate import format_results  # noqa: E402
+from jaxidx.metrics import xmc_report  # noqa: E402
+from jaxidx.runner import evaluate_checkpoint  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", [], "Run directories of trained XMC indexes.")
 flags.DEFINE_list("data", [], "Data specs to run the peers on (default: those of the workdirs).")
 flags.DEFINE_list("peers", ["pecos", "ovr"], "Peers: pecos, ovr.")
 flags.DEFINE_integer("ovr_max_labels", 2000, "Skip the one-vs-rest peer on data with more labels.")
+flags.DEFINE_integer("threads", 1, "Cores for everything, peers included (the process is pinned).")
+flags.DEFINE_integer("latency_queries", 300, "Test queries searched one at a time for the latency figures.")
 flags.DEFINE_string("out", "out/bench_xmc.json", "JSON result path.")
 FLAGS = flags.FLAGS
 _KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "R@10", "R@100")
@@ -93,7 +102,7 @@ def main(argv):
         setting = {k: v for k, v in best.items() if k not in _KEYS + ("candidates_per_query", "queries_per_second")}
         rows.append({"data": out["data"], "method": out["method"], "setting": json.dumps(setting),
                      **{k: best[k] for k in _KEYS}, "train_seconds": out["train_seconds"],
-                     "queries_per_second": best["queries_per_second"]})
+                     "queries_per_second": best["queries_per_second"], **bench.latency_ms(wd, setting, FLAGS.latency_queries)})
         if out["data"] not in specs:
             specs.append(out["data"])
     peers = {"pecos": run_pecos, "ovr": run_ovr}

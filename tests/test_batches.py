@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from jaxidx.train import batches
@@ -34,3 +35,25 @@ def test_epoch_covers_every_row_once_with_filler_weight_zero():
     assert weights.count(0.0) == 2
     np.testing.assert_array_equal(order, batches.epoch_order(n, seed=3, epoch=1))
     assert not np.array_equal(order, batches.epoch_order(n, seed=3, epoch=2))
+
+
+def test_process_shards_concatenate_to_the_global_batch():
+    order = batches.epoch_order(10, seed=0, epoch=0)
+    for n in (1, 2, 4):
+        for index in (0, 2):  # a full batch and the partial last one
+            rows, w = batches.batch_rows(order, index, 4)
+            parts = [batches.batch_rows(order, index, 4, (k, n)) for k in range(n)]
+            np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), rows)
+            np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), w)
+
+
+def test_process_block_of_the_data_axis():
+    from jaxidx.train.mesh import process_block
+    # 2 processes x 4 devices, model_parallel 2: mesh [4 data, 2 model]; each process holds half the rows.
+    ids = np.repeat([0, 1], 4).reshape(4, 2)
+    assert [process_block(ids, p) for p in (0, 1)] == [(0, 2), (1, 2)]
+    # model_parallel 4 over 2 processes of 2 devices: every process needs the whole batch.
+    assert process_block(np.array([[0, 0, 1, 1]]), 1) == (0, 1)
+    assert process_block(np.zeros((8, 1), int), 0) == (0, 1)  # one process
+    with pytest.raises(ValueError, match="aligned block"):
+        process_block(np.array([[0], [1], [0], [1]]), 0)

@@ -58,6 +58,11 @@ def test_last_example_may_be_empty_line(tmp_path):
     ("0 3 2\n", 1, "positive"),
     ("1 -3 2\n0 0:1\n", 1, "positive"),
     ("1 3 0\n0 0:1\n", 1, "positive"),
+    ("1 3000000000 2\n0 2999999999:1\n", 1, "at most 2^31 - 1"),  # the id would wrap around in int32
+    ("1 3 99999999999999999999\n0 0:1\n", 1, "at most 2^31 - 1"),  # was an OverflowError
+    ("1_0 3 2\n0 0:1\n", 1, "bad header"),
+    ("1 3 2\n0 1_0:1\n", 2, "bad feature id"),
+    ("1 3 2\n\u0661 0:1\n", 2, "bad label id"),  # a non-ASCII digit
     ("3 3 2\n0 0:1\n1 1:1\n", 4, "3 examples"),       # too few lines
     ("1 3 2\n0 0:1\n1 1:1\n", 3, "1 examples"),       # too many lines
     ("1 3 2\n0 0:1\n\n", 3, "1 examples"),            # an extra empty line is an extra example
@@ -121,18 +126,21 @@ def _parse_or_value_error(data: bytes):
             f.write(data)
         try:
             X, Y = read_xmc(path)
-        except ValueError:
+        except ValueError as e:
+            assert str(e).startswith(f"{path}:"), str(e)  # names the file and line
             return
         assert X.shape[0] == Y.shape[0] and np.isfinite(X.data).all()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes(data):
     _parse_or_value_error(data)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(alphabet="0123456789 :,\n\r\t-.eEnaif+_", max_size=120),
        st.sampled_from(["", "2 3 2\n", "1 5 5\n", "3 4 3\n"]))
 def test_fuzz_near_valid_text(body, header):

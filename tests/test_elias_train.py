@@ -1,6 +1,7 @@
 """ELIAS end to end on tiny synthetic data: two-stage training, search against brute force
 (host and device merge identical), resume after SIGTERM in either stage, evaluation from
-the run directory, sharded vs unsharded scores."""
+the run directory, sharded vs unsharded scores, training on 1 vs 8 devices."""
+import dataclasses
 import json
 import os
 import signal
@@ -13,11 +14,14 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import load_config, run_python
 from jaxidx.data import synthetic_xmc
 from jaxidx import evaluate as evaluate_lib
 from jaxidx.methods.elias import log_edge_weights
 from jaxidx.runner import build, evaluate_checkpoint
+from jaxidx.train.checkpoint import Checkpointer
 from jaxidx.train.loop import fit_stages
+from jaxidx.train.metrics_log import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +90,10 @@ def test_two_stages_train_and_learn(trained):
         losses = [r["train/loss"] for r in rec if "train/loss" in r]
         assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert "edges" in result.params and result.aux["members"].shape == (task.method.n_clusters, task.width)
+    stage1 = Checkpointer(str(workdir / "stage1"), read_only=True)
+    _, meta = stage1.read_meta()
+    stage1.close()
+    assert 0 < meta["train_seconds"] < result.train_seconds  # the last stage counts the whole run's time
 
 
 def test_dense_and_sparse_layouts_give_the_same_loss_and_gradients(data):
@@ -133,6 +141,46 @@ def _brute_force(task, params, aux, queries, k):
 
 def test_search_matches_brute_force_and_backends_agree(trained, data):
     _, task, result = trained
+    _check_search(task, result, data)
+
+
+def _with_tokens(data):
+    """The synthetic rows as 'text': each row's feature ids (+2, past PAD and UNK) as its tokens."""
+    def tokens(X):
+        out = np.zeros((X.shape[0], 16), np.int32)
+        for i in range(X.shape[0]):
+            ids = X.indices[X.indptr[i]:X.indptr[i + 1]][:16] + 2
+            out[i, :len(ids)] = ids
+        return out
+    return dataclasses.replace(data, tokens_train=tokens(data.X_train), tokens_test=tokens(data.X_test),
+                               vocab_size=data.n_features + 2)
+
+
+def test_transformer_encoder_over_tokens_trains_and_searches(tmp_path, data):
+    config = _config()
+    config.model.update(input="text", transformer={"dim": 32, "heads": 2, "layers": 1, "mlp_ratio": 2})
+    text_data = _with_tokens(data)
+    task, result = _train(tmp_path, config, text_data)
+    assert "block0_attention" in result.params["encoder"]
+    with open(tmp_path / "stage1" / "metrics.jsonl") as f:
+        losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    _check_search(task, result, text_data)
+    index = task.index(jax.device_get(result.params), result.aux)
+    queries = evaluate_lib.test_queries(text_data)
+    queries["tokens"][0, 0] = text_data.vocab_size
+    with pytest.raises(ValueError, match=f"token id {text_data.vocab_size} outside the vocabulary"):
+        index.search(queries, {"beam": 4, "shortlist": 40}, 10)
+    with pytest.raises(ValueError, match=r"tokens must be \[Q, 16\]"):
+        index.search(dict(queries, tokens=queries["tokens"][:, :8]), {"beam": 4, "shortlist": 40}, 10)
+    with pytest.raises(ValueError, match="queries: a text encoder needs 'tokens'"):
+        index.search(evaluate_lib.test_queries(data), {"beam": 4, "shortlist": 40}, 10)
+    with pytest.raises(ValueError, match="model.input: 'text' needs a data set with raw text"):
+        build(config, data=data)
+
+
+def _check_search(task, result, data):
+    """Search == brute force over all labels with a full beam and shortlist; host == device merge."""
     params = jax.device_get(result.params)
     index = task.index(params, result.aux)
     queries = evaluate_lib.test_queries(data)
@@ -234,3 +282,34 @@ def test_sharded_over_labels_matches_unsharded():
     proc = subprocess.run([sys.executable, "-c", _SHARDED], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def devices_summary(workdir: str, model_parallel: int = 1) -> dict:
+    """Train the tiny preset for an epoch of each stage; what the 1- vs 8-device test compares."""
+    config = load_config("configs/elias.py:tiny", **{"train.epochs": 1, "train.stage2_epochs": 1, "train.log_every": 1,
+                                                    "mesh.model_parallel": model_parallel})
+    method, data, mesh = build(config)
+    _, res = fit_stages(method, config, workdir, mesh, data_fingerprint=data.fingerprint(), progress=False)
+    losses = [r["train/loss"] for s in method.stages for r in read_metrics(os.path.join(workdir, s))
+              if "train/loss" in r]
+    return {"devices": jax.device_count(), "losses": losses, "members": res.aux["members"].ravel().tolist(),
+            "label_rows_per_device": res.params["labels"]["kernel"].addressable_shards[0].data.shape[0],
+            "params": [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(res.params)]}
+
+
+def test_one_vs_eight_devices_same_training(tmp_path):
+    """Both stages on 8 devices, data parallel and with the label classifier split over 'model', = 1 device."""
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from test_elias_train import devices_summary; "
+            "print(json.dumps([devices_summary({!r} + str(mp), mp) for mp in {}]))")
+    if jax.device_count() == 1:
+        one = devices_summary(str(tmp_path / "one"))
+    else:
+        one, = run_python(code.format(str(tmp_path / "one"), (1,)), {"JAX_NUM_CPU_DEVICES": "1"})
+    eight, split = run_python(code.format(str(tmp_path / "eight"), (1, 4)), {"JAX_NUM_CPU_DEVICES": "8"})
+    assert (one["devices"], eight["devices"], split["devices"]) == (1, 8, 8)
+    assert split["label_rows_per_device"] == one["label_rows_per_device"] // 4
+    for other in (eight, split):
+        np.testing.assert_allclose(one["losses"], other["losses"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(one["members"], other["members"])  # the same stage-2 adjacency
+        for a, b in zip(one["params"], other["params"]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from jaxidx.methods.elias import (NEG, approximate_adjacency, best_paths, cluster_beam, dense_best_paths,
                                   elias_loss, expand_paths, home_clusters, is_positive, label_logits,
                                   log_cluster_scores, log_edge_weights, lookup, multi_hot, shortlist,
-                                  soft_partition, top_k_mask, warmup_linear)
+                                  reserved_edges, soft_partition, top_k_mask, warmup_linear)
 
 
 def _jit(f, static=()):
@@ -170,6 +170,29 @@ def test_approximate_adjacency_hand_case():
     members, values = approximate_adjacency(Y, beam_ids, beam_sc, 2, kappa=2, keep_best=True)
     np.testing.assert_array_equal(members, [[1, 0], [2, 3]])
     np.testing.assert_allclose(values, [[1.3, 0.9], [0.7, 0.6]], rtol=1e-6)
+    # kappa 1: rows keep their strongest proposer (labels 1 and 2); 0 and 3 find every row full.
+    members, _ = approximate_adjacency(Y, beam_ids, beam_sc, 2, kappa=1, keep_best=True)
+    np.testing.assert_array_equal(members, [[1], [2]])
+
+
+def test_reserved_edges_fall_back_to_the_next_best_row_with_room():
+    # Labels 0, 1, 2 all prefer row 0 (capacity 1): 0 wins it, 1 falls back to row 1, 2 has nowhere else.
+    rows = np.array([0, 1, 0, 1, 0])
+    labels = np.array([0, 0, 1, 1, 2])
+    values = np.array([0.9, 0.2, 0.8, 0.5, 0.7])
+    np.testing.assert_array_equal(reserved_edges(rows, labels, values, 2, 1), [1, 0, 0, 1, 0])
+    # Random graphs: one edge per label, rows within capacity, and a label is left out only when all its rows are full.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_rows, cap = rng.integers(1, 6), rng.integers(1, 4)
+        pairs = np.unique(rng.integers(0, [n_rows, 12], (30, 2)), axis=0)
+        rows, labels = pairs[:, 0], pairs[:, 1]
+        keep = reserved_edges(rows, labels, rng.random(len(rows)), n_rows, cap)
+        assert np.bincount(labels[keep], minlength=12).max(initial=0) <= 1
+        load = np.bincount(rows[keep], minlength=n_rows)
+        assert load.max() <= cap
+        for lab in set(labels) - set(labels[keep]):
+            assert (load[rows[labels == lab]] == cap).all()
 
 
 def test_home_clusters_and_soft_partition():

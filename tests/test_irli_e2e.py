@@ -69,6 +69,9 @@ def test_metrics_and_checkpoints_written(ann_run):
     recs = read_metrics(wd)
     assert any("train/loss" in r for r in recs) and any("partition/max_over_mean" in r for r in recs)
     assert any("train/examples_per_second" in r for r in recs)
+    assert any(r.get("train/flops_per_step", 0) > 0 and "train/tflops_per_second" in r for r in recs)
+    from jaxidx.train.throughput import peak_flops  # MFU only where the device's peak is known (not on CPU)
+    assert any("train/mfu" in r for r in recs) == (peak_flops(jax.devices()[0].device_kind, np.float32) is not None)
     losses = [r["train/loss"] for r in recs if "train/loss" in r]
     assert losses[-1] < losses[0]
     assert os.path.isdir(os.path.join(wd, "tensorboard"))

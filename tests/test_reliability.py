@@ -1,6 +1,6 @@
-"""Interrupted runs lose nothing; bad configs and broken checkpoints fail loudly or fall back."""
+"""Interrupted runs lose nothing; bad configs, broken checkpoints and queries that do not fit the index
+fail loudly or fall back."""
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from helpers import REPO, load_config
-from jaxidx.runner import build, restore
-from jaxidx.train.checkpoint import Checkpointer
+from jaxidx.runner import build, evaluate_checkpoint, restore
+from jaxidx.train.batches import xmc_inputs
 from jaxidx.train.loop import fit
 
 TRAIN = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=" + os.path.join(REPO, "configs/irli.py:tiny"),
@@ -144,3 +144,48 @@ except ValueError as e:
     from helpers import run_python
     out = run_python(code, {"JAX_NUM_CPU_DEVICES": "8"})
     assert "train.batch_size" in out["error"] and "8" in out["error"]
+
+
+# --- queries that do not fit the index ---------------------------------------------------------------
+
+def _untrained_index(preset, **overrides):
+    """(index, data, first search setting) of a freshly initialised method (stage 1 for ELIAS)."""
+    config = load_config(preset, **overrides)
+    method, data, _ = build(config)
+    task = method.stage("stage1") if getattr(method, "stages", ()) else method
+    params, aux = task.init(jax.random.key(0))
+    return task.index(params, aux), data, dict(config.search.settings[0])
+
+
+@pytest.mark.parametrize("preset", ["configs/irli.py:tiny", "configs/lmi.py:tiny"])
+def test_ann_queries_of_another_dimension_are_refused(preset):
+    index, data, setting = _untrained_index(preset)
+    assert index.search(data.queries[:5], setting, 10).ids.shape == (5, 10)
+    for queries in (data.queries[:, :8], data.queries[0]):
+        with pytest.raises(ValueError) as err:
+            index.search(queries, setting, 10)
+        assert str(err.value) == f"queries: expected shape [Q, 16] (the index's dimension), got {queries.shape}"
+
+
+@pytest.mark.parametrize("preset, overrides", [
+    ("configs/irli.py:tiny-xmc", {"model.dense_input_max_features": 0}),  # embedding bag: would clamp silently
+    ("configs/irli.py:tiny-xmc", {}),  # densified input
+    ("configs/elias.py:tiny", {}),
+])
+def test_xmc_feature_ids_beyond_the_index_are_refused(preset, overrides):
+    index, data, setting = _untrained_index(preset, **overrides)
+    queries = xmc_inputs(data.X_test)
+    assert index.search(queries, setting, 10).ids.shape == (data.X_test.shape[0], 10)
+    queries["idx"][1, 0] = data.n_features
+    with pytest.raises(ValueError, match=f"queries: feature id {data.n_features} outside the index's "
+                                         f"{data.n_features} features"):
+        index.search(queries, setting, 10)
+
+
+def test_evaluate_checkpoint_on_data_of_another_dimension_is_refused(tmp_path):
+    config = load_config("configs/lmi.py:tiny", **{"train.epochs": 0})
+    method, data, mesh = build(config)
+    fit(method, config, str(tmp_path), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    with pytest.raises(ValueError, match="checkpoint has dim=16 but the current data/config gives dim=8"):
+        evaluate_checkpoint(str(tmp_path), overrides={"data": "synthetic-ann:n=3000,q=200,d=8,clusters=30,seed=0"})
+    assert not (tmp_path / "eval.json").exists()

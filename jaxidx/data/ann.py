@@ -1,6 +1,7 @@
 """ANN data sets: ann-benchmarks HDF5 files and the canonical GloVe 6B 50d split."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -22,59 +23,90 @@ def cache_dir() -> Path:
 
 
 def normalize_rows(x: np.ndarray, what: str) -> np.ndarray:
-    """L2-normalise rows (float32) for angular data; a zero row has no direction, so it is an error."""
+    """L2-normalise rows (float32) for angular data; a zero row has no direction and a row whose
+    norm overflows float32 would collapse to zero, so both are errors."""
     x = np.asarray(x, np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if zero.size:
-        raise ValueError(f"{what}: row {zero[0]} is a zero vector, which has no angular direction")
+    with np.errstate(over="ignore"):  # a norm beyond float32 becomes inf, rejected below
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+    for bad, why in ((norms[:, 0] == 0, "is a zero vector, which has no angular direction"),
+                     (~np.isfinite(norms[:, 0]), "has a norm beyond the float32 range")):
+        if bad.any():
+            raise ValueError(f"{what}: row {np.flatnonzero(bad)[0]} {why}")
     return x / norms
+
+
+# What h5py raises on a damaged file (bad headers, heaps, links or datatypes).
+_H5_ERRORS = (OSError, KeyError, RuntimeError, TypeError)
+
+
+@contextlib.contextmanager
+def _h5_errors(path: str, what: str):
+    """Turn h5py's errors inside the block into a ValueError "{path}: {what} (the error)"."""
+    try:
+        yield
+    except _H5_ERRORS as e:
+        raise ValueError(f"{path}: {what} ({type(e).__name__}: {e})") from None
+
+
+def _read_dataset(f, path: str, name: str) -> np.ndarray:
+    """Dataset `name` as a non-empty 2-d array: float32 (finite) for vectors and distances, the
+    stored integers for 'neighbors'. Shape and dtype are checked before any data is read."""
+    import h5py
+
+    with _h5_errors(path, f"dataset '{name}' is unreadable"):
+        obj = f.get(name)
+        if not isinstance(obj, h5py.Dataset):
+            raise ValueError(f"{path}: missing dataset '{name}'")
+        shape, kind = obj.shape, obj.dtype.kind
+        if shape is None or len(shape) != 2 or 0 in shape:
+            raise ValueError(f"{path}: dataset '{name}' must be a non-empty 2-d array, got shape {shape}")
+        if name == "neighbors" and kind not in "iu":
+            raise ValueError(f"{path}: dataset 'neighbors' must hold integers, got {obj.dtype}")
+        if kind not in "iuf":
+            raise ValueError(f"{path}: dataset '{name}' must hold real numbers, got {obj.dtype}")
+        a = obj[()]
+    if name == "neighbors":
+        return a
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, rejected next
+        a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        raise ValueError(f"{path}: dataset '{name}' contains NaN or Inf (or values beyond float32)")
+    return a
 
 
 def read_ann_hdf5(path) -> ANNData:
     """Read an ann-benchmarks HDF5 file (`train` = base, `test` = queries, `neighbors`,
     `distances`, attribute `distance`) and validate it; angular vectors are
-    L2-normalised. The file's ground truth is kept as is."""
+    L2-normalised. The file's ground truth is kept as is. Any problem, a damaged file
+    included, is a ValueError naming the file and the dataset or attribute."""
     import h5py
 
     path = os.fspath(path)
-    try:
+    with _h5_errors(path, "not a readable HDF5 file"):
         f = h5py.File(path, "r")
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
-    with f:
-        if "distance" not in f.attrs:
-            raise ValueError(f"{path}: missing attribute 'distance'")
-        metric = f.attrs["distance"]
-        metric = metric.decode() if isinstance(metric, bytes) else str(metric)
+    with _h5_errors(path, "damaged HDF5 file"), f:
+        with _h5_errors(path, "attribute 'distance' is unreadable"):
+            if "distance" not in f.attrs:
+                raise ValueError(f"{path}: missing attribute 'distance'")
+            metric = f.attrs["distance"]
+        metric = metric.decode(errors="replace") if isinstance(metric, bytes) else str(metric)
         if metric not in ANN_METRICS:
             raise ValueError(f"{path}: attribute 'distance' is {metric!r}; valid: {ANN_METRICS}")
-        arrays = {}
-        for name in ("train", "test", "neighbors", "distances"):
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise ValueError(f"{path}: missing dataset '{name}'")
-            a = f[name][()]
-            if a.ndim != 2 or a.size == 0:
-                raise ValueError(f"{path}: dataset '{name}' must be a non-empty 2-d array, got shape {a.shape}")
-            if name != "neighbors" and not np.isfinite(a).all():
-                raise ValueError(f"{path}: dataset '{name}' contains NaN or Inf")
-            arrays[name] = a
-    base, queries, ids, dist = (arrays[k] for k in ("train", "test", "neighbors", "distances"))
+        base, queries, ids, dist = (_read_dataset(f, path, name)
+                                    for name in ("train", "test", "neighbors", "distances"))
     if base.shape[1] != queries.shape[1]:
         raise ValueError(f"{path}: dimension mismatch: 'train' has {base.shape[1]}, 'test' has {queries.shape[1]}")
     if ids.shape != dist.shape:
         raise ValueError(f"{path}: 'neighbors' shape {ids.shape} != 'distances' shape {dist.shape}")
     if ids.shape[0] != queries.shape[0]:
         raise ValueError(f"{path}: 'neighbors' has {ids.shape[0]} rows, 'test' has {queries.shape[0]}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"{path}: dataset 'neighbors' must hold integers, got {ids.dtype}")
     if ids.min() < 0 or ids.max() >= base.shape[0]:
         raise ValueError(f"{path}: dataset 'neighbors' has ids outside [0, {base.shape[0]})")
     if metric == "angular":
         base = normalize_rows(base, f"{path}: dataset 'train'")
         queries = normalize_rows(queries, f"{path}: dataset 'test'")
-    return ANNData(name=Path(path).stem, base=np.asarray(base, np.float32), queries=np.asarray(queries, np.float32),
-                   metric=metric, gt_ids=ids.astype(np.int32), gt_dist=dist.astype(np.float32))
+    return ANNData(name=Path(path).stem, base=base, queries=queries, metric=metric, gt_ids=ids.astype(np.int32),
+                   gt_dist=dist)
 
 
 def glove_split() -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,14 @@
 """One string names every data set: `load(spec)` for configs and entry points."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Dict, Union
 
+from jaxidx.data import text
 from jaxidx.data.ann import load_glove, read_ann_hdf5
-from jaxidx.data.synthetic import synthetic_ann, synthetic_xmc
+from jaxidx.data.synthetic import glove_copies, synthetic_ann, synthetic_xmc
 from jaxidx.data.types import ANNData, XMCData
 from jaxidx.data.xmc import read_xmc
 
@@ -14,6 +16,7 @@ XMC_SHORT_NAMES = ("bibtex", "delicious", "debian-depends")
 
 SPEC_FORMS = (
     "glove-6b-50d[:base=N,queries=N]",
+    "glove-copies[:base=N,queries=N,noise=,seed=] (GloVe grown by noisy copies, for scaling studies)",
     "ann-hdf5:PATH",
     "xmc:DIR (holding train.txt and test.txt) | xmc:TRAIN_PATH,TEST_PATH",
     " | ".join(XMC_SHORT_NAMES) + " (in $JAXIDX_SHARED_DATA, default <repo>/../shared/data/xmc)",
@@ -21,8 +24,11 @@ SPEC_FORMS = (
     "synthetic-xmc[:n=,test=,features=,labels=,per_example=,per_label=,zipf=,seed=]",
 )
 
+TEXT_MIN_COUNT, TEXT_MAX_LEN = 2, 32  # vocabulary: training tokens seen twice; tokens kept per row
+
 # key -> (keyword argument, type) for the parameterised forms
 _GLOVE_KEYS = {"base": ("n_base", int), "queries": ("n_queries", int)}
+_GLOVE_COPIES_KEYS = dict(_GLOVE_KEYS, noise=("noise", float), seed=("seed", int))
 _SYNTHETIC_ANN_KEYS = {"n": ("n_base", int), "q": ("n_queries", int), "d": ("dim", int),
                        "clusters": ("n_clusters", int), "metric": ("metric", str), "seed": ("seed", int)}
 _SYNTHETIC_XMC_KEYS = {"n": ("n_train", int), "test": ("n_test", int), "features": ("n_features", int),
@@ -66,6 +72,8 @@ def load(spec: str) -> Union[XMCData, ANNData]:
     kind, sep, body = spec.partition(":")
     if kind == "glove-6b-50d":
         return load_glove(**_params(spec, body, _GLOVE_KEYS))
+    if kind == "glove-copies":
+        return glove_copies(**_params(spec, body, _GLOVE_COPIES_KEYS))
     if kind == "synthetic-ann":
         return synthetic_ann(**_params(spec, body, _SYNTHETIC_ANN_KEYS))
     if kind == "synthetic-xmc":
@@ -91,9 +99,21 @@ def _load_xmc_spec(body: str) -> XMCData:
 
 
 def _load_xmc_dir(d: Path, name: str) -> XMCData:
+    """train.txt and test.txt, and the rows' text when `d` has it (see `jaxidx.data.text`)."""
     if not (d / "train.txt").is_file() or not (d / "test.txt").is_file():
         raise ValueError(f"{name}: no train.txt and test.txt in {d}")
-    return load_xmc(d / "train.txt", d / "test.txt", name)
+    data = load_xmc(d / "train.txt", d / "test.txt", name)
+    texts = {split: text.read_package_texts(d, split) for split in ("train", "test")}
+    if texts["train"] is None or texts["test"] is None:
+        return data
+    for split, X in (("train", data.X_train), ("test", data.X_test)):
+        if len(texts[split]) != X.shape[0]:
+            raise ValueError(f"{d / f'{split}_packages.txt'}: {len(texts[split])} rows, "
+                             f"{split}.txt has {X.shape[0]}")
+    vocab = text.build_vocab(texts["train"], TEXT_MIN_COUNT)
+    return dataclasses.replace(data, tokens_train=text.encode(texts["train"], vocab, TEXT_MAX_LEN),
+                               tokens_test=text.encode(texts["test"], vocab, TEXT_MAX_LEN),
+                               vocab_size=len(vocab) + 2)
 
 
 def _params(spec: str, body: str, keys: Dict[str, tuple]) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from jaxidx.data.ann import GROUND_TRUTH_K, normalize_rows
+from jaxidx.data.ann import GLOVE_QUERIES, GLOVE_ROWS, GROUND_TRUTH_K, cache_dir, glove_split, normalize_rows, save_npy_atomic
 from jaxidx.data.groundtruth import exact_knn
 from jaxidx.data.types import ANN_METRICS, ANNData, XMCData
 
@@ -81,3 +81,55 @@ def synthetic_xmc(n_train: int = 2000, n_test: int = 500, n_features: int = 1000
     name = (f"synthetic-xmc:n={n_train},test={n_test},features={n_features},labels={n_labels},"
             f"per_example={labels_per_example:g},per_label={features_per_label},zipf={zipf:g},seed={seed}")
     return XMCData(name=name, X_train=X[:n_train], Y_train=Y[:n_train], X_test=X[n_train:], Y_test=Y[n_train:])
+
+
+def scaling_xmc_rows(n_labels: int) -> int:
+    """Training examples of the XMC scaling study's data: L / 20 (a fixed number of examples per label)."""
+    return max(1, n_labels // 20)
+
+
+def scaling_xmc_spec(n_labels: int, n_test: int = 1000, seed: int = 0) -> str:
+    """Data of the XMC scaling study: `n_labels` power-law labels, `scaling_xmc_rows` training
+    examples, 10K features (fixed); `load(spec)` generates it."""
+    return (f"synthetic-xmc:n={scaling_xmc_rows(n_labels)},test={n_test},features=10000,labels={n_labels},"
+            f"seed={seed}")
+
+
+def scaling_ann_spec(n_base: int, n_queries: int = 1000) -> str:
+    """Data of the ANN scaling study: the GloVe 6B 50d base up to its 390K vectors, `glove_copies` beyond."""
+    if n_base <= GLOVE_ROWS - GLOVE_QUERIES:
+        return f"glove-6b-50d:base={n_base},queries={n_queries}"
+    return f"glove-copies:base={n_base},queries={n_queries}"
+
+
+def glove_copies(n_base: int, n_queries: int = 1000, noise: float = 0.5, seed: int = 0) -> ANNData:
+    """GloVe 6B 50d grown past its 390K base vectors by seeded noisy copies, for ANN scaling studies.
+
+    Rows below 390000 are the canonical base (`glove_split`); row i beyond is base row
+    (i - 390000) mod 390000 plus Gaussian noise of expected norm `noise`, re-normalised (0.5 puts
+    a copy of a query's nearest word about as close as its 10th neighbour). Queries are the first
+    `n_queries` canonical queries; exact top-100 ground truth is cached like `load_glove`'s.
+    """
+    if n_base < 1 or not 1 <= n_queries <= 10000 or noise < 0:
+        raise ValueError(f"glove_copies: need base >= 1, queries in [1, 10000], noise >= 0; got {n_base}, "
+                         f"{n_queries}, {noise}")
+    base, queries = glove_split()
+    queries = queries[:n_queries]
+    if n_base > len(base):
+        extra = n_base - len(base)
+        rng = np.random.default_rng(seed)
+        copies = base[np.arange(extra) % len(base)]
+        copies += rng.standard_normal(copies.shape, dtype=np.float32) * np.float32(noise / np.sqrt(base.shape[1]))
+        base = np.concatenate([base, normalize_rows(copies, "glove_copies")])
+    else:
+        base = base[:n_base]
+    name = f"glove-copies:base={n_base},queries={n_queries},noise={noise:g},seed={seed}"
+    stem = cache_dir() / name.replace(":", "_").replace(",", "_").replace("=", "")
+    ids_path, dist_path = stem.parent / f"{stem.name}_ids.npy", stem.parent / f"{stem.name}_dist.npy"
+    if ids_path.exists() and dist_path.exists():
+        gt_ids, gt_dist = np.load(ids_path), np.load(dist_path)
+    else:
+        gt_ids, gt_dist = exact_knn(queries, base, min(GROUND_TRUTH_K, n_base), "angular")
+        save_npy_atomic(ids_path, gt_ids)
+        save_npy_atomic(dist_path, gt_dist)
+    return ANNData(name=name, base=base, queries=queries, metric="angular", gt_ids=gt_ids, gt_dist=gt_dist)

@@ -53,6 +53,10 @@ class XMCData:
     Y_train: sp.csr_matrix
     X_test: sp.csr_matrix
     Y_test: sp.csr_matrix
+    # Token ids [n, max_len] of each row's raw text (see jaxidx.data.text), where the data set has text.
+    tokens_train: Optional[np.ndarray] = None
+    tokens_test: Optional[np.ndarray] = None
+    vocab_size: int = 0
 
     task = "xmc"
 

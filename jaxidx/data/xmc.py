@@ -13,6 +13,8 @@ from typing import Tuple
 import numpy as np
 import scipy.sparse as sp
 
+_MAX_SIZE = 2**31 - 1  # ids are stored as int32 (CSR indices, padded rows), so N, D and L are at most this
+
 
 def read_xmc(path) -> Tuple[sp.csr_matrix, sp.csr_matrix]:
     """Read an XMC repository file -> (X float32 CSR [N, D], Y binary float32 CSR [N, L]).
@@ -102,22 +104,30 @@ def write_xmc(path, X, Y) -> None:
         f.write("\n".join(out) + "\n")
 
 
+def _parse_int(token: str) -> int:
+    """A decimal integer: ASCII digits with an optional '-' (int() alone also takes '1_0' or non-ASCII digits)."""
+    if not (token.isascii() and token.removeprefix("-").isdigit()):
+        raise ValueError(token)
+    return int(token)
+
+
 def _parse_header(path: str, line: str) -> Tuple[int, int, int]:
     fields = line.split()
     try:
         if len(fields) != 3:
             raise ValueError
-        n, d, n_labels = (int(x) for x in fields)
+        n, d, n_labels = (_parse_int(x) for x in fields)
     except ValueError:
         raise ValueError(f"{path}:1: bad header {line[:80]!r} (expected three integers 'N D L')") from None
-    if min(n, d, n_labels) <= 0:
-        raise ValueError(f"{path}:1: header fields must be positive, got {line.strip()!r}")
+    if not 0 < min(n, d, n_labels) <= max(n, d, n_labels) <= _MAX_SIZE:
+        raise ValueError(f"{path}:1: header fields must be positive and at most 2^31 - 1 (ids are int32), "
+                         f"got {line.strip()[:80]!r}")
     return n, d, n_labels
 
 
 def _parse_id(path: str, lineno: int, token: str, size: int, what: str) -> int:
     try:
-        i = int(token)
+        i = _parse_int(token)
     except ValueError:
         raise ValueError(f"{path}:{lineno}: bad {what} id {token[:40]!r} (expected an integer)") from None
     if not 0 <= i < size:

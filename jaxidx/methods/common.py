@@ -30,18 +30,51 @@ def route_topm(apply: Callable, params, x, *, m: int, kind: str):
     return ids.astype(jnp.int32), scores
 
 
+def check_queries(queries, dim: int) -> None:
+    """Refuse queries that do not fit the index before any work, naming expected vs got: dense
+    queries must be [Q, dim]; padded sparse rows {'idx', 'val'} must hold feature ids in
+    [0, dim). (Left alone, a matmul fails with a JAX shape error, and an embedding gather
+    clamps out-of-range ids silently.)"""
+    if isinstance(queries, dict):
+        idx, val = queries.get("idx"), queries.get("val")
+        if idx is None or val is None or np.ndim(idx) != 2 or np.shape(idx) != np.shape(val):
+            raise ValueError(f"queries: padded sparse rows need 'idx' and 'val' of one shape [Q, F], got "
+                             f"{ {k: np.shape(v) for k, v in queries.items()} }")
+        idx = np.asarray(idx)
+        bad = idx[(idx < 0) | (idx >= dim)]
+        if bad.size:
+            raise ValueError(f"queries: feature id {bad[0]} outside the index's {dim} features [0, {dim})")
+    elif np.ndim(queries) != 2 or np.shape(queries)[1] != dim:
+        raise ValueError(f"queries: expected shape [Q, {dim}] (the index's dimension), got {np.shape(queries)}")
+
+
+def check_tokens(tokens, vocab_size: int, length: int) -> None:
+    """Refuse token-id queries for a text encoder unless they are [Q, length] ids in [0, vocab_size)."""
+    if tokens is None:
+        raise ValueError("queries: a text encoder needs 'tokens' (the rows' token ids; see jaxidx.data.text)")
+    if np.ndim(tokens) != 2 or np.shape(tokens)[1] != length:
+        raise ValueError(f"queries: tokens must be [Q, {length}] (the training rows' length), got {np.shape(tokens)}")
+    bad = np.asarray(tokens)[(np.asarray(tokens) < 0) | (np.asarray(tokens) >= vocab_size)]
+    if bad.size:
+        raise ValueError(f"queries: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+
+
 def validate_common(config) -> None:
     """Checks every method's config shares; each error names the field and the reason."""
-    t = config.train
-    if t.epochs < 0:
-        raise ValueError(f"train.epochs: must be >= 0, got {t.epochs}")
-    if t.batch_size <= 0:
-        raise ValueError(f"train.batch_size: must be > 0, got {t.batch_size}")
+    t, s, m = config.train, config.search, config.model
+    for field, value, least in (("train.epochs", t.epochs, 0), ("train.batch_size", t.batch_size, 1),
+                                ("train.log_every", t.log_every, 1),
+                                ("train.checkpoint_every_steps", t.checkpoint_every_steps, 0),
+                                ("train.keep_checkpoints", t.keep_checkpoints, 1), ("search.k", s.k, 1),
+                                ("search.query_batch", s.query_batch, 1), ("search.n_threads", s.n_threads, 0)):
+        if value < least:
+            raise ValueError(f"{field}: must be >= {least}, got {value}")
     if not t.learning_rate > 0:
         raise ValueError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
-    if config.search.k <= 0:
-        raise ValueError(f"search.k: must be > 0, got {config.search.k}")
-    if config.search.query_batch <= 0:
-        raise ValueError(f"search.query_batch: must be > 0, got {config.search.query_batch}")
-    if not config.search.settings:
+    if not s.settings:
         raise ValueError("search.settings: at least one search setting is needed")
+    if not m.init_std >= 0:
+        raise ValueError(f"model.init_std: must be >= 0 (0 = lecun normal), got {m.init_std}")
+    widths = [w for h in m.hidden for w in (h if isinstance(h, (tuple, list)) else (h,))]  # LMI: one tuple per level
+    if any(w < 1 for w in widths):
+        raise ValueError(f"model.hidden: every layer width must be >= 1, got {m.hidden}")

@@ -44,8 +44,8 @@ from jax.sharding import PartitionSpec as P
 from jaxidx import clustering
 from jaxidx import search as kernels
 from jaxidx.data.types import XMCData
-from jaxidx.methods.common import SearchResult, validate_common
-from jaxidx.models.encoder import MLPEncoder
+from jaxidx.methods.common import SearchResult, check_queries, check_tokens, validate_common
+from jaxidx.models.encoder import MLPEncoder, TransformerEncoder
 from jaxidx.partition import Partition
 from jaxidx.train import batches as B_
 from jaxidx.train import mesh as mesh_lib
@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 NEG = -1e30  # log score of an absent edge / label: finite, so no inf or NaN reaches a gradient
 _BIG_ID = np.iinfo(np.int32).max  # sorts padding after every label id
 STAGES = ("stage1", "stage2")
+INPUTS = ("sparse", "dense", "text")  # embedding bag over features | densified features | transformer over tokens
 
 
 # --- model maths (pure) ------------------------------------------------------------------------------
@@ -223,9 +224,10 @@ def approximate_adjacency(Y, beam_ids: np.ndarray, beam_scores: np.ndarray, n_cl
 
     `Y` [N, L] binary CSR, `beam_ids` / `beam_scores` [N, b]. Row c's value for
     label l sums the scores with which l's training points reached c; ties keep
-    the smaller label id. `keep_best`: each label's own largest entry (its best
-    cluster) ranks first in that row, so a label that frequent labels crowd out
-    of every top-kappa still keeps one edge (rows stay capped at kappa).
+    the smaller label id. `keep_best`: every label keeps one edge, in its best
+    row that has room (`reserved_edges`), ranked first in that row, so rare
+    labels that frequent ones crowd out of every top-kappa are still reachable
+    (rows stay capped at kappa).
     Returns members int32 [C, kappa] (-1 padding) and values float32 [C, kappa].
     """
     N, b = beam_ids.shape
@@ -235,11 +237,7 @@ def approximate_adjacency(Y, beam_ids: np.ndarray, beam_scores: np.ndarray, n_cl
     A.sum_duplicates()
     A.eliminate_zeros()
     rows = np.repeat(np.arange(n_clusters), np.diff(A.indptr))
-    first = np.zeros(A.nnz, bool)
-    if keep_best:
-        by_label = np.lexsort((rows, -A.data, A.indices))
-        lab = A.indices[by_label]
-        first[by_label[np.concatenate([[True], lab[1:] != lab[:-1]])]] = True
+    first = reserved_edges(rows, A.indices, A.data, n_clusters, kappa) if keep_best else np.zeros(A.nnz, bool)
     order = np.lexsort((A.indices, -A.data, ~first, rows))
     rank = np.arange(A.nnz) - A.indptr[rows[order]]
     top = rank < kappa
@@ -249,6 +247,37 @@ def approximate_adjacency(Y, beam_ids: np.ndarray, beam_scores: np.ndarray, n_cl
     members[rows[keep], col] = A.indices[keep]
     values[rows[keep], col] = A.data[keep]
     return members, values
+
+
+def reserved_edges(rows: np.ndarray, labels: np.ndarray, values: np.ndarray, n_rows: int, capacity: int):
+    """bool per edge: the one edge each label keeps, at most `capacity` per row.
+
+    In round r every label without an edge yet proposes its r-th best row (by
+    value, ties to the smaller row); each row accepts the strongest proposals
+    (ties to the smaller label) while it has room. A label is left out only when
+    every row it reaches is full.
+    """
+    by_label = np.lexsort((rows, -values, labels))
+    lab = labels[by_label]
+    starts = np.flatnonzero(np.concatenate([[True], lab[1:] != lab[:-1]]))
+    counts = np.diff(np.append(starts, len(lab)))
+    free = np.full(n_rows, capacity, np.int64)
+    keep = np.zeros(len(rows), bool)
+    pending = np.arange(len(starts))  # label groups without an edge
+    r = 0
+    while len(pending) and free.any():
+        pending = pending[counts[pending] > r]
+        edge = by_label[starts[pending] + r]
+        order = np.lexsort((labels[edge], -values[edge], rows[edge]))
+        edge, group = edge[order], pending[order]
+        row = rows[edge]
+        rank = np.arange(len(row)) - np.searchsorted(row, row)  # position among this round's proposals to the row
+        ok = rank < free[row]
+        keep[edge[ok]] = True
+        np.subtract.at(free, row[ok], 1)
+        pending = np.sort(group[~ok])
+        r += 1
+    return keep
 
 
 def home_clusters(members: np.ndarray, weights: np.ndarray, n_labels: int) -> np.ndarray:
@@ -291,19 +320,24 @@ def validate_config(config, n_labels: int) -> None:
             raise ValueError(f"model.{name}: must be >= 1, got {m[name]}")
     if m.teacher_extra < 0:
         raise ValueError(f"model.teacher_extra: must be >= 0, got {m.teacher_extra}")
-    if not m.alpha > 0 or not m.beta > 0:
-        raise ValueError(f"model.alpha / model.beta: must be > 0, got {m.alpha}, {m.beta}")
+    for name, value in (("model.alpha", m.alpha), ("model.beta", m.beta), ("train.encoder_learning_rate",
+                        t.encoder_learning_rate)):
+        if not value > 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")
+    for name, value in (("model.lam", m.lam), ("train.weight_decay", t.weight_decay),
+                        ("train.stage2_epochs", t.stage2_epochs)):
+        if not value >= 0:
+            raise ValueError(f"{name}: must be >= 0, got {value}")
     if not 0 <= m.dropout < 1:
         raise ValueError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if m.input not in ("sparse", "dense"):
-        raise ValueError(f"model.input: must be 'sparse' or 'dense', got {m.input!r}")
+    if m.input not in INPUTS:
+        raise ValueError(f"model.input: must be one of {', '.join(INPUTS)}, got {m.input!r}")
     if m.layout not in ("dense", "sparse"):
         raise ValueError(f"model.layout: must be 'dense' or 'sparse', got {m.layout!r}")
     if clustering.n_leaves_for(n_labels, m.max_leaf) > n_labels:
         raise ValueError(f"model.max_leaf: {m.max_leaf} gives more clusters than the {n_labels} labels")
-    if t.stage2_epochs < 0 or not t.encoder_learning_rate > 0 or not 0 <= t.warmup < 1:
-        raise ValueError("train.stage2_epochs >= 0, train.encoder_learning_rate > 0 and train.warmup in [0, 1) "
-                         f"are required, got {t.stage2_epochs}, {t.encoder_learning_rate}, {t.warmup}")
+    if not 0 <= t.warmup < 1:
+        raise ValueError(f"train.warmup: must be in [0, 1), got {t.warmup}")
     for s in config.search.settings:
         if s.get("backend", "host") not in ("host", "device"):
             raise ValueError(f"search.settings: backend must be 'host' or 'device', got {s['backend']!r}")
@@ -332,10 +366,18 @@ class ELIAS:
         m = config.model
         self.n_clusters = clustering.n_leaves_for(self.n_labels, m.max_leaf)
         self.n_label_rows = -(-self.n_labels // m.label_multiple) * m.label_multiple
-        self.inputs = B_.pad_sparse_rows(data.X_train)
+        self.inputs = B_.xmc_inputs(data.X_train, data.tokens_train)
         self.labels = B_.pad_label_lists(data.Y_train)
-        self.encoder = MLPEncoder(tuple(m.hidden), self.n_features if m.input == "sparse" else 0, m.dropout,
-                                  m.init_std)
+        if m.input == "text":
+            if data.tokens_train is None:
+                raise ValueError(f"model.input: 'text' needs a data set with raw text; {data.name} has none "
+                                 "(see jaxidx.data.text)")
+            tr = m.transformer
+            self.encoder = TransformerEncoder(data.vocab_size, tuple(m.hidden), data.tokens_train.shape[1], tr.dim,
+                                              tr.heads, tr.layers, tr.mlp_ratio, m.dropout, m.init_std)
+        else:
+            self.encoder = MLPEncoder(tuple(m.hidden), self.n_features if m.input == "sparse" else 0, m.dropout,
+                                      m.init_std)
         self.n_train = self.labels.shape[0]
 
     def stage(self, name: str, previous=None) -> "ELIASStage":
@@ -345,13 +387,13 @@ class ELIAS:
         return ELIASStage(self, STAGES.index(name) + 1, previous)
 
     def features(self, x):
-        """Encoder input for padded sparse rows: as is, or densified when model.input is 'dense'."""
-        if self.config.model.input == "sparse":
-            return x
-        n = x["idx"].shape[0]
-        out = np.zeros((n, self.n_features), np.float32)
-        np.add.at(out, (np.repeat(np.arange(n), x["idx"].shape[1]), x["idx"].ravel()), x["val"].ravel())
-        return out
+        """Encoder input from `xmc_inputs` rows: sparse rows, densified rows or token ids (model.input)."""
+        kind = self.config.model.input
+        if kind == "text":
+            return x["tokens"]
+        if kind == "dense":
+            return B_.densify_rows(x, self.n_features)
+        return {"idx": x["idx"], "val": x["val"]}
 
 
 class ELIASStage:
@@ -450,6 +492,15 @@ class ELIASStage:
             target = multi_hot(labels, self.method.n_label_rows)
             pos_log_path = jnp.take_along_axis(log_path, jnp.where(labels >= 0, labels, 0), axis=1)
             pos_found = (labels >= 0) & (pos_log_path > NEG / 2)
+        elif self.stage == 1:  # [b, K], hard partition: one path per label, so no merge (sort) is needed
+            log_path, pos = jax.lax.top_k(cand_log_path, self.train_k)
+            ids = jnp.where(log_path > NEG / 2, jnp.take_along_axis(cand, pos, axis=1), -1)
+            valid = ids >= 0
+            u = label_logits(params["labels"], phi, ids, dense=False)
+            target = is_positive(ids, labels)
+            on_beam = (beam_ids[:, None, :] == forced[:, :, None]) & (labels >= 0)[:, :, None]  # home in the beam
+            pos_log_path = jnp.max(jnp.where(on_beam, beam_log_s[:, None, :], NEG), axis=-1)
+            pos_found = on_beam.any(-1)
         else:  # [b, K]: sort-based best paths, top-K, gathered classifier rows (no [b, L] array)
             sorted_labels, best = best_paths(cand, cand_log_path)
             ids, log_path = shortlist(sorted_labels, best, self.train_k)
@@ -468,7 +519,7 @@ class ELIASStage:
     def batch(self, epoch, index):
         method = self.method
         order = B_.epoch_order(method.n_train, self.config.seed, epoch)
-        rows, weight = B_.batch_rows(order, index, self.batch_size)
+        rows, weight = B_.batch_rows(order, index, self.batch_size, mesh_lib.process_shard(self.mesh))
         return {"x": method.features(B_.take(method.inputs, rows)), "labels": method.labels[rows],
                 "weight": weight}
 
@@ -497,7 +548,9 @@ class ELIASStage:
         m, method = self.config.model, self.method
         return {"stage": self.stage, "n_labels": method.n_labels, "n_features": method.n_features,
                 "n_clusters": method.n_clusters, "width": self.width, "hidden": list(m.hidden),
-                "input": m.input, "label_rows": method.n_label_rows}
+                "input": m.input, "label_rows": method.n_label_rows,
+                **({"vocab_size": method.data.vocab_size, "transformer": dict(m.transformer)}
+                   if m.input == "text" else {})}
 
     # --- clustering and adjacency ----------------------------------------------------------------
     def _initial_clustering(self) -> np.ndarray:
@@ -560,6 +613,10 @@ class ELIASIndex:
 
     def search(self, queries, setting: dict, k: int) -> SearchResult:
         """Top-k labels of padded sparse queries; setting: beam, shortlist (K), backend ('host' | 'device')."""
+        check_queries(queries, self.stage.method.n_features)
+        if self.stage.config.model.input == "text":
+            data = self.stage.method.data
+            check_tokens(queries.get("tokens"), data.vocab_size, data.tokens_train.shape[1])
         st, cfg = self.stage, self.stage.config
         beam = min(setting.get("beam", cfg.model.beam), st.method.n_clusters)
         K = setting.get("shortlist", cfg.model.shortlist)

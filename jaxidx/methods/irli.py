@@ -10,16 +10,18 @@ import dataclasses
 import functools
 import logging
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.sparse as sp
 from jax.sharding import PartitionSpec as P
 
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData, XMCData
-from jaxidx.methods.common import SearchResult, route_topm, validate_common
+from jaxidx.methods.common import SearchResult, check_queries, route_topm, validate_common
 from jaxidx.models.router import RepeatedMLP, affine_head
 from jaxidx.partition import Partition, bucket_stats, hash_assignment
 from jaxidx.train import batches as B_
@@ -125,9 +127,7 @@ class IRLI:
     def model_input(self, x):
         """Queries as the router takes them: padded sparse rows are densified for a dense-input router."""
         if isinstance(x, dict) and not self.n_features:
-            dense = np.zeros((x["idx"].shape[0], self.in_dim), np.float32)
-            np.add.at(dense, (np.arange(len(dense))[:, None], x["idx"]), x["val"])
-            return dense
+            return B_.densify_rows(x, self.in_dim)
         return x
 
     @functools.cached_property
@@ -152,7 +152,7 @@ class IRLI:
 
     def batch(self, epoch, index):
         order = B_.epoch_order(self.n_train, self.config.seed, epoch)
-        rows, weight = B_.batch_rows(order, index, self.batch_size)
+        rows, weight = B_.batch_rows(order, index, self.batch_size, mesh_lib.process_shard(self.mesh))
         return {"x": B_.take(self.inputs, rows), "labels": self.labels[rows], "weight": weight}
 
     def device_aux(self, aux):
@@ -205,9 +205,10 @@ class IRLI:
         """XMC representatives: sum of router logits over each label's training examples.
 
         The head is affine, so this is (sum of hidden activations) @ W + n_l * b:
-        hidden sums are accumulated per batch as Y_batch^T @ H_batch (sparse x dense,
-        O(L x R x H) memory), and logits are formed only for chunks of labels, so no
-        [L, B] matrix is ever stored. With `partition.center_scores` each bucket's
+        hidden sums are accumulated per batch over the labels the batch touches
+        (O(nnz x R x H) work), only for labels seen in training (the others keep their
+        bucket), so memory is O(seen labels x R x H); logits are formed only for chunks
+        of labels, so no [L, B] matrix is ever stored. With `partition.center_scores` each bucket's
         mean logit over the training examples is subtracted (n_l times, i.e. the
         hidden sums are centred), so a bucket's overall popularity does not decide
         where labels go.
@@ -215,12 +216,18 @@ class IRLI:
         R, H = self.config.model.n_reps, self.config.model.hidden[-1]
         L, bs = self.n_items, self.config.search.query_batch
         Y = self.data.Y_train.tocsr()
-        h_sum = np.zeros((L, R * H), np.float32)
+        seen = np.asarray(Y.getnnz(axis=0)) > 0
+        Y = Y[:, np.flatnonzero(seen)].tocsr()
+        h_sum = np.zeros((Y.shape[1], R * H), np.float32)
         h_total = np.zeros(R * H, np.float64)
         for s in range(0, self.n_train, bs):  # every example, the last partial batch included
             rows = np.arange(s, min(s + bs, self.n_train))
             h = np.asarray(self._hidden_fn(params, B_.take(self.inputs, rows))).reshape(len(rows), R * H)
-            h_sum += np.asarray(Y[rows].T @ h, np.float32)
+            Yb = Y[rows]
+            touched = np.unique(Yb.indices)
+            Yb = sp.csr_matrix((Yb.data, np.searchsorted(touched, Yb.indices), Yb.indptr),
+                               shape=(len(rows), len(touched)))
+            h_sum[touched] += np.asarray(Yb.T @ h, np.float32)
             h_total += h.sum(0)
         counts = np.asarray(Y.getnnz(axis=0), np.float32)
         if self.config.partition.center_scores:
@@ -233,9 +240,11 @@ class IRLI:
             return jax.lax.top_k(logits, K)[1]
 
         chunk = max(1, (1 << 24) // (R * self.config.model.n_buckets))
-        cand = np.concatenate([np.asarray(topk(h_sum[s:s + chunk], counts[s:s + chunk]))
-                               for s in range(0, L, chunk)], axis=1).astype(np.int32)
-        return cand, counts > 0
+        cand = np.zeros((R, L, K), np.int32)
+        parts = [np.asarray(topk(h_sum[s:s + chunk], counts[s:s + chunk])) for s in range(0, len(counts), chunk)]
+        if parts:
+            cand[:, seen] = np.concatenate(parts, axis=1)
+        return cand, seen
 
     def _item_topk(self, params, K):
         """ANN representatives: the router's top-K buckets for each base vector itself.
@@ -256,8 +265,9 @@ class IRLI:
 
     # --- search ----------------------------------------------------------------------------------
     def index(self, params, aux) -> "IRLIIndex":
+        # Only the exhaustive MACH search (XMC) reads the assignment itself; an ANN index keeps just the CSR.
         return IRLIIndex(self, params, Partition.from_assignment(aux["assign"], self.config.model.n_buckets),
-                         aux["assign"])
+                         aux["assign"] if self.task == "xmc" else None)
 
 
 @dataclasses.dataclass
@@ -267,7 +277,7 @@ class IRLIIndex:
     method: IRLI
     params: dict
     partition: Partition
-    assign: np.ndarray
+    assign: Optional[np.ndarray]  # [R, N], XMC only
 
     def route(self, queries, m: int):
         """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device;
@@ -283,6 +293,7 @@ class IRLIIndex:
         return np.concatenate(ids), np.concatenate(scores)
 
     def search(self, queries, setting: dict, k: int) -> SearchResult:
+        check_queries(queries, self.method.in_dim)
         mode = setting.get("mode", "topk")
         if mode == "mach":
             return self._search_mach(queries, k)

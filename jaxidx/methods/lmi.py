@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxidx import kmeans as km
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData
-from jaxidx.methods.common import SearchResult, validate_common
+from jaxidx.methods.common import SearchResult, check_queries, validate_common
 from jaxidx.models.router import MLP, RepeatedMLP
 from jaxidx.partition import Partition, bucket_stats
 from jaxidx.train import batches as B_
@@ -173,6 +173,9 @@ def validate_config(config, data) -> None:
         raise ValueError(f"kmeans.kind: unknown {config.kmeans.kind!r}; valid: {', '.join(KMEANS_KINDS)}")
     if config.kmeans.init not in km.INITS:
         raise ValueError(f"kmeans.init: unknown {config.kmeans.init!r}; valid: {', '.join(km.INITS)}")
+    for name in ("n_iter", "max_points_per_centroid", "init_points_per_centroid"):
+        if config.kmeans[name] < 0:
+            raise ValueError(f"kmeans.{name}: must be >= 0, got {config.kmeans[name]}")
     if t.target_temperature < 0:
         raise ValueError(f"train.target_temperature: must be >= 0 (0 = hard labels), got {t.target_temperature}")
     if t.node_batch_size < 0:
@@ -250,12 +253,13 @@ class LMI:
 
     def batch(self, epoch, index):
         order = B_.epoch_order(self.data.n_items, self.config.seed, epoch)
-        rows, weight = B_.batch_rows(order, index, self.batch_size)
+        shard = mesh_lib.process_shard(self.mesh)
+        rows, weight = B_.batch_rows(order, index, self.batch_size, shard)
         out = {"x0": self.x[rows][:, None], "y0": self._tree[0][rows][:, None], "w0": weight[:, None]}
         rng = np.random.default_rng([self.config.seed, 11, epoch, index])
         for lvl in range(1, len(self.levels)):
             sizes, start = self._sizes[lvl - 1], self._starts[lvl - 1]
-            u = rng.random((self.node_batch[lvl], self.n_nodes[lvl]))
+            u = B_.shard_block(rng.random((self.node_batch[lvl], self.n_nodes[lvl])), shard)
             pos = start + np.minimum((u * sizes).astype(np.int64), np.maximum(sizes - 1, 0))
             rows = self._members[lvl - 1][np.minimum(pos, self.data.n_items - 1)]
             out[f"x{lvl}"] = self.x[rows]
@@ -359,6 +363,7 @@ class LMIIndex:
     def search(self, queries, setting: dict, k: int) -> SearchResult:
         """Visit each query's leaves best first (`n_probe`, optional `max_candidates` budget), re-rank
         their vectors exactly; query blocks keep the candidate lists small enough to stay in cache."""
+        check_queries(queries, self.method.data.dim)
         sizes, offsets = self.partition.sizes()[0], self.partition.offsets[0]
         cfg, metric = self.method.config.search, self.method.data.kernel_metric
         ids, dist, n_cand = [], [], []

@@ -4,8 +4,10 @@ Same results as `reference` (which documents the exact semantics), computed
 with the GIL released over `n_threads` threads (0 = all hardware threads).
 Arrays are passed through without conversion: ids and offsets must be int32
 (the CSR `cand_offsets` and balanced_assign's `order` may also be int64,
-`initial_counts` is int64), scores and vectors float32, all C-contiguous.
-Anything else raises ValueError naming the argument.
+`initial_counts` is int64), scores and vectors float32, all C-contiguous;
+integer options must be integers (Python or NumPy) in range, `k` at most
+2^31 - 1 (ids are int32). Anything else raises ValueError naming the argument.
+If the system cannot start all `n_threads` threads, the ones started do the work.
 """
 try:
     from jaxidx import _kernels
@@ -19,15 +21,14 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
                n_threads=0):
     """Top-k items of the routed buckets: (ids, scores, counts, n_candidates).
     See reference.merge_topk. n_items sizes per-thread scratch (default: max member id + 1)."""
-    return _kernels.merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg,
-                               -1 if n_items is None else n_items, n_threads)
+    return _kernels.merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg, n_items,
+                               n_threads)
 
 
 def merge_candidates(bucket_ids, offsets, members, min_count=1, min_candidates=1, n_items=None, n_threads=0):
     """The candidate sets of the routed buckets as CSR: (cand_offsets int64 [Q+1], cand_ids
     int32 [T], n_candidates [Q]). See reference.merge_candidates."""
-    return _kernels.merge_candidates(bucket_ids, offsets, members, min_count, min_candidates,
-                                     -1 if n_items is None else n_items, n_threads)
+    return _kernels.merge_candidates(bucket_ids, offsets, members, min_count, min_candidates, n_items, n_threads)
 
 
 def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """No usable checkpoint, or one that does not fit the current model/data."""
 
 

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from jaxidx.train import checkpoint as ckpt_lib
 from jaxidx.train import mesh as mesh_lib
 from jaxidx.train import state as state_lib
+from jaxidx.train import throughput
 from jaxidx.train.metrics_log import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class Trainable(Protocol):
     def loss(self, params, batch: dict, aux_device: Any, rng: jax.Array) -> tuple[jax.Array, dict]: ...
 
     def batch(self, epoch: int, index: int) -> dict:
-        """Global batch `index` of `epoch` as numpy arrays of fixed shapes (deterministic)."""
+        """This process's rows (`mesh.process_shard`) of global batch `index` of `epoch`, as numpy
+        arrays of fixed shapes (deterministic)."""
 
     def device_aux(self, aux: dict) -> Any:
         """The part of aux the loss reads, as host arrays (placed replicated by the loop)."""
@@ -91,8 +93,12 @@ class _StopFlag:
 
 
 def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: str,
-        progress: bool = True, epochs: Optional[int] = None) -> FitResult:
-    """Train `task` for `epochs` (default `config.train.epochs`), resuming from `workdir` if it holds a checkpoint."""
+        progress: bool = True, epochs: Optional[int] = None, seconds_before: float = 0.0) -> FitResult:
+    """Train `task` for `epochs` (default `config.train.epochs`), resuming from `workdir` if it holds a checkpoint.
+
+    `train_seconds` counts from `seconds_before` (earlier stages' training time), so the last
+    stage's checkpoints and eval.json hold the whole run's training time.
+    """
     tc = config.train
     n_data = mesh_lib.data_size(mesh)
     if task.batch_size % n_data:
@@ -107,7 +113,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
 
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     writer = MetricsWriter(workdir)
-    train_seconds = 0.0
+    train_seconds = seconds_before
     if ckpt.steps():
         step, restored, meta = ckpt.restore(ckpt_lib.abstract({"state": state, "aux": aux}))
         _check_meta(meta, task, data_fingerprint, workdir)
@@ -121,6 +127,8 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
         ckpt.save(step, {"state": state, "aux": aux}, _jsonable(meta))
 
     step_fn = state_lib.make_train_step(task.loss, tx, mesh, shardings, config.seed)
+    compiled, flops = None, None  # the step compiled once for the fixed batch shapes, and its FLOPs
+    peak = throughput.peak_flops(mesh.devices.flat[0].device_kind, throughput.compute_dtype(state.params))
     aux_dev = mesh_lib.put_replicated(task.device_aux(aux), mesh)
     step = int(state.step)
     if step == 0 and not ckpt.steps():
@@ -133,7 +141,11 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
         t0 = time.perf_counter()
         while step < total:
             epoch, index = divmod(step, spe)
-            state, metrics = step_fn(state, mesh_lib.put_batch(task.batch(epoch, index), mesh), aux_dev)
+            batch = mesh_lib.put_batch(task.batch(epoch, index), mesh)
+            if compiled is None:
+                compiled = step_fn.lower(state, batch, aux_dev).compile()
+                flops = throughput.step_flops(compiled, mesh.size)
+            state, metrics = compiled(state, batch, aux_dev)
             step += 1
             window.append(metrics)
             n_win += task.batch_size
@@ -143,6 +155,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
                 scalars = {k: np.mean([float(m[k]) for m in window]) for k in window[0]}
                 dt = time.perf_counter() - t_win
                 scalars["examples_per_second"] = n_win / max(dt, 1e-9)
+                scalars.update(throughput.step_scalars(flops, max(dt, 1e-9) / len(window), mesh.size, peak))
                 writer.write(step, scalars, prefix="train/")
                 if bar is not None:
                     bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
@@ -187,7 +200,7 @@ def fit_stages(method, config, workdir: str, mesh: Mesh, *, data_fingerprint: st
     for name in method.stages:
         task = method.stage(name, result)
         result = fit(task, config, stage_dir(workdir, name), mesh, data_fingerprint=data_fingerprint,
-                     progress=progress, epochs=task.epochs)
+                     progress=progress, epochs=task.epochs, seconds_before=result.train_seconds if result else 0.0)
         if result.interrupted:
             break
     return task, result

@@ -41,22 +41,37 @@ def put_replicated(tree, mesh: Mesh):
     return jax.tree.map(lambda a: jax.device_put(a, sharding), tree)
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """A global host batch (a dict, possibly nested) -> arrays split over 'data'.
+def process_block(process_ids: np.ndarray, process: int) -> tuple[int, int]:
+    """(k, n): the devices of `process` hold block k of n equal, contiguous row blocks of a batch split
+    over 'data'. `process_ids` is the mesh's [data, model] array of device process indices; (0, 1) in
+    a single process, and also where a process's devices span the whole 'data' axis."""
+    rows = np.flatnonzero((process_ids == process).any(axis=1))
+    size = rows.size
+    if not size or process_ids.shape[0] % size or rows[0] % size or rows[-1] - rows[0] + 1 != size:
+        raise ValueError(f"process {process}: its devices are not one aligned block of the 'data' axis "
+                         f"(positions {rows.tolist()} of {process_ids.shape[0]})")
+    return int(rows[0] // size), int(process_ids.shape[0] // size)
 
-    Every process holds the same global batch (built from the same seed); each
-    contributes only the rows that belong to its own devices, so this is also
-    correct with several processes.
+
+def process_shard(mesh: Mesh) -> tuple[int, int]:
+    """(k, n) of this process: it builds only rows block k of n of every global batch (see `put_batch`)."""
+    ids = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(mesh.shape[DATA], -1)
+    return process_block(ids, jax.process_index())
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's rows of a global batch (a dict, possibly nested) -> global arrays split over 'data'.
+
+    Each process builds only its block of rows (`process_shard`; the whole batch in a single
+    process), and the global arrays are assembled from every process's block without copying data
+    between processes.
     """
     sharding = batch_sharding(mesh)
-    n_proc, proc = jax.process_count(), jax.process_index()
+    _, n = process_shard(mesh)
 
     def place(a):
         a = np.asarray(a)
-        if n_proc == 1:
-            return jax.device_put(a, sharding)
-        rows = a.shape[0] // n_proc
-        return jax.make_array_from_process_local_data(sharding, a[proc * rows:(proc + 1) * rows], a.shape)
+        return jax.make_array_from_process_local_data(sharding, a, (a.shape[0] * n,) + a.shape[1:])
 
     return jax.tree.map(place, batch)  # nested dicts too (sparse rows {'idx', 'val'})
 

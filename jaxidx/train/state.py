@@ -45,7 +45,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, mesh: M
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, aux, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_l2_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree_utils.tree_norm(grads))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(step,
