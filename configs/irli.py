@@ -108,7 +108,8 @@ def scaling_ann(n_base: int, epochs: int = 8, n_queries: int = 1000):
     c.model.update(n_reps=4, n_buckets=pow2_near(math.sqrt(n_base)), hidden=(128,))
     c.train.update(epochs=epochs, batch_size=512, max_train_points=50000)
     c.partition.repartition_every = max(1, epochs // 2)
-    c.search.settings = [{"m": m, "min_count": 1} for m in (1, 2, 4, 8, 16)]
+    c.search.settings = ([{"m": m, "min_count": 1} for m in (1, 2, 4, 8, 16)]
+                         + [{"m": m, "min_count": 2} for m in (2, 4, 8)])
     return c
 
 

@@ -76,9 +76,12 @@ def restore(workdir: str, step: Optional[int] = None, overrides: Optional[dict] 
         ckpt_lib.check_compatible(meta, task.shapes(), workdir)
     params, aux = task.init(jax.random.key(config.seed))
     tx = task.optimizer(1)
-    state = jax.device_put(state_lib.create(params, tx),
-                           state_lib.state_shardings(state_lib.create(params, tx), mesh, task.leaf_spec))
-    step, restored, meta = ckpt.restore(ckpt_lib.abstract({"state": state, "aux": aux}), asked)
+    # Shapes only: the optimizer state (2x the parameters under Adam) is not allocated twice.
+    shapes = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
+    del params
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          state_lib.state_shardings(shapes, mesh, task.leaf_spec))
+    step, restored, meta = ckpt.restore({"state": target, "aux": aux}, asked)
     ckpt.close()
     aux = {k: np.asarray(v) for k, v in restored["aux"].items()}
     return config, task, data, jax.device_get(restored["state"].params), aux, step, meta

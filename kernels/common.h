@@ -14,6 +14,7 @@
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
@@ -143,10 +144,77 @@ inline void prefetch_bytes(const void* p, size_t bytes) {
 template <class T>
 struct ZeroBuffer {
     std::unique_ptr<T, decltype(&std::free)> ptr{nullptr, &std::free};
-    explicit ZeroBuffer(size_t n) : ptr(static_cast<T*>(std::calloc(std::max<size_t>(n, 1), sizeof(T))), &std::free) {
+    size_t size = 0;
+    explicit ZeroBuffer(size_t n)
+        : ptr(static_cast<T*>(std::calloc(std::max<size_t>(n, 1), sizeof(T))), &std::free), size(n) {
         if (!ptr) throw std::bad_alloc();
     }
     T* get() const { return ptr.get(); }
+};
+
+// Zeroed per-item scratch kept across calls. A fresh buffer of n items costs
+// page faults and zeroing over all n on first touch, which at millions of
+// items dominates a single query's time; a lease reuses a kept buffer instead.
+// Holders hand buffers back all zero (the kernels clear exactly the entries
+// they touched); one released while an exception unwinds may be dirty and is
+// freed. At most kKeptBytes stay kept, larger buffers first.
+template <class T>
+class ZeroPool {
+  public:
+    static constexpr size_t kKeptBytes = size_t{1} << 30;
+
+    class Lease {
+      public:
+        Lease(ZeroPool& pool, size_t n) : pool_(pool), exceptions_(std::uncaught_exceptions()), buf_(pool.take(n)) {}
+        Lease(const Lease&) = delete;
+        Lease& operator=(const Lease&) = delete;
+        ~Lease() {
+            if (std::uncaught_exceptions() == exceptions_) pool_.give(std::move(buf_));
+        }
+        T* get() const { return buf_.get(); }
+
+      private:
+        ZeroPool& pool_;
+        int exceptions_;
+        ZeroBuffer<T> buf_;
+    };
+
+  private:
+    ZeroBuffer<T> take(size_t n) {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            auto best = kept_.end();  // the smallest kept buffer that fits
+            for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+                if (it->size >= n && (best == kept_.end() || it->size < best->size)) best = it;
+            }
+            if (best != kept_.end()) {
+                ZeroBuffer<T> buf = std::move(*best);
+                kept_.erase(best);
+                bytes_ -= buf.size * sizeof(T);
+                return buf;
+            }
+        }
+        return ZeroBuffer<T>(n);
+    }
+
+    void give(ZeroBuffer<T>&& buf) {
+        const size_t bytes = buf.size * sizeof(T);
+        std::lock_guard<std::mutex> lock(mu_);
+        while (bytes_ + bytes > kKeptBytes && !kept_.empty()) {  // evict smaller buffers for a larger one
+            auto smallest = std::min_element(kept_.begin(), kept_.end(),
+                                             [](const auto& a, const auto& b) { return a.size < b.size; });
+            if (smallest->size >= buf.size) return;  // the kept ones are as useful: free this one
+            bytes_ -= smallest->size * sizeof(T);
+            kept_.erase(smallest);
+        }
+        if (bytes_ + bytes > kKeptBytes) return;
+        bytes_ += bytes;
+        kept_.push_back(std::move(buf));
+    }
+
+    std::mutex mu_;
+    std::vector<ZeroBuffer<T>> kept_;
+    size_t bytes_ = 0;
 };
 
 // Rank key of (value, id) as one integer, larger = ranks first: values in

@@ -67,6 +67,17 @@ int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_
 
 using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
 
+ZeroPool<Slot>& slot_pool() {
+    static auto* pool = new ZeroPool<Slot>();  // never destroyed: no order issues at exit
+    return *pool;
+}
+
+[[noreturn]] void bad_member(int64_t r, int64_t p, int32_t id, int64_t n_items) {
+    fail("members", "id " + std::to_string(id) + " at [" + std::to_string(r) + ", " + std::to_string(p) +
+                        "] out of range [0, n_items=" + (n_items >= 0 ? std::to_string(n_items) : std::string("inf")) +
+                        ")");
+}
+
 }  // namespace
 
 namespace {
@@ -118,6 +129,9 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
 
     {
         py::gil_scoped_release release;
+        // Without n_items every member is scanned for the largest id; with it, members are
+        // checked where a query reads them, so a call costs nothing per unrouted bucket.
+        const bool scan_members = n_items < 0;
         int64_t max_bucket = 0, max_member = -1;
         for (int64_t r = 0; r < R; ++r) {
             const int32_t* o = off + r * (B + 1);
@@ -131,13 +145,10 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
                 max_bucket = std::max<int64_t>(max_bucket, o[b + 1] - o[b]);
             }
             if (o[B] > M) fail("offsets", "offsets[" + std::to_string(r) + ", B] exceeds members' length");
+            if (!scan_members) continue;
             const int32_t* mr = mem + r * M;
             for (int64_t p = 0; p < o[B]; ++p) {
-                if (mr[p] < 0 || (n_items >= 0 && mr[p] >= n_items)) {
-                    fail("members", "id " + std::to_string(mr[p]) + " at [" + std::to_string(r) + ", " +
-                                        std::to_string(p) + "] out of range [0, n_items=" +
-                                        (n_items >= 0 ? std::to_string(n_items) : std::string("inf")) + ")");
-                }
+                if (mr[p] < 0) bad_member(r, p, mr[p], -1);
                 max_member = std::max<int64_t>(max_member, mr[p]);
             }
         }
@@ -153,11 +164,11 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
         const AddHitsFn add_hits_fn = weighted ? (agg_max ? add_hits<true, true> : add_hits<true, false>)
                                                : (agg_max ? add_hits<false, true> : add_hits<false, false>);
         struct Scratch {
-            ZeroBuffer<Slot> slots;
+            ZeroPool<Slot>::Lease slots;
             std::vector<int32_t> touched, counts;
             std::vector<Routed> routed;
             TopK top{true};
-            explicit Scratch(size_t n) : slots(n) {}
+            explicit Scratch(size_t n) : slots(slot_pool(), n) {}
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {
@@ -183,6 +194,11 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
                         if (b < 0) continue;
                         s.routed[n_routed++] = Routed{mem + r * M + o[b], weighted ? w + r * M + o[b] : nullptr,
                                                       o[b + 1] - o[b], bsc[idx]};
+                        if (scan_members) continue;
+                        const int32_t* mr = mem + r * M;
+                        for (int32_t p = o[b]; p < o[b + 1]; ++p) {
+                            if (mr[p] < 0 || mr[p] >= n_items) bad_member(r, p, mr[p], n_items);
+                        }
                     }
                 }
                 const int64_t n_touched = add_hits_fn(slots, s.touched.data(), s.routed.data(), n_routed);

@@ -156,6 +156,11 @@ ScanFn pick_scan(int metric) {
     return portable[metric];
 }
 
+ZeroPool<uint8_t>& seen_pool() {
+    static auto* pool = new ZeroPool<uint8_t>();  // never destroyed: no order issues at exit
+    return *pool;
+}
+
 }  // namespace
 
 py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, const py::object& cand_offsets_o,
@@ -221,11 +226,11 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
         const ScanFn scan = pick_scan(metric);
         const int64_t dpad = (d + 7) / 8 * 8;
         struct Scratch {
-            ZeroBuffer<uint8_t> seen;
+            ZeroPool<uint8_t>::Lease seen;
             std::vector<int32_t> unique;
             std::vector<float> qpad;
             TopK top{false};
-            explicit Scratch(size_t n) : seen(n) {}
+            explicit Scratch(size_t n) : seen(seen_pool(), n) {}
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {

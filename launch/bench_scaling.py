@@ -1,6 +1,6 @@
 """Scaling study: how cost grows with labels (XMC), base size (ANN) and devices.
 
-    python launch/bench_scaling.py --out=benchmarks/scaling.json          # the full study, about an hour on 2 cores
+    python launch/bench_scaling.py --out=benchmarks/scaling.json          # the full study, under an hour on 2 cores
     python launch/bench_scaling.py --small --out=out/scaling_small.json   # every measurement at sizes of seconds
 
 XMC: IRLI and ELIAS (`scaling_xmc` presets in configs/) on `scaling_xmc_spec(L)` (power-law labels, L / 20
@@ -12,8 +12,9 @@ presets trained on 1, 2, 4, 8 simulated CPU devices (`JAX_NUM_CPU_DEVICES`), los
 
 Every training run and every search is a fresh subprocess, so its peak host memory is its ru_maxrss:
 training and index builds on all cores, searches pinned to one core (queries/s: all test queries in one
-call; latency: one query at a time). Prints the tables (also as markdown), writes --out (JSON) and the
-plots beside it (`<out>_xmc.png`, `_ann.png`, `_devices.png`).
+call; latency: one query at a time). Prints markdown tables and writes --out (JSON; the results of parts
+not run keep their place, so a part can be re-run alone) and the plots beside it (`<out>_xmc.png`,
+`_ann.png`, `_devices.png`).
 """
 from jaxidx.bench import pin_threads_from_argv
 
@@ -42,7 +43,7 @@ FULL = {"xmc_labels": [10**4, 10**5, 10**6], "ann_sizes": [100000, 390000, 10000
         "xmc_methods": ["irli", "elias"], "ann_methods": ["lmi", "irli"], "device_methods": ["irli", "lmi", "elias"],
         "steps": 128, "lmi_examples": 2 * 10**6, "irli_ann_epochs": 8, "device_epochs": 2, "xmc_test": 1000,
         "ann_queries": 1000, "candidates": 4000, "latency_queries": 200, "device_data": {}, "elias_uncapped": None,
-        "irli_ann_max": 390000, "hnsw_budget": 300.0, "hnsw_ef": 40, "workdir": "runs/scaling"}
+        "irli_ann_max": 1000000, "hnsw_budget": 300.0, "hnsw_ef": 40, "workdir": "runs/scaling"}
 SMALL = dict(FULL, xmc_labels=[1000, 3000], ann_sizes=[2000, 6000], steps=1, lmi_examples=2000, irli_ann_epochs=2,
              device_epochs=1, xmc_test=100, ann_queries=100, candidates=1000, latency_queries=20,
              device_data={"irli": "synthetic-ann:n=512,q=50,d=16,clusters=8,seed=0",
@@ -64,12 +65,12 @@ flags.DEFINE_integer("irli_ann_epochs", None, "IRLI training epochs in the ANN p
                      "re-partitioned halfway).")
 flags.DEFINE_list("elias_uncapped", None, "L at which ELIAS also runs with C = L / 100, untrained, for its per-query "
                   "cost (default: the largest L, if the cluster cap changes its C).")
-flags.DEFINE_integer("irli_ann_max", None, "Largest N IRLI is trained on in the ANN part (390K; see the skip "
+flags.DEFINE_integer("irli_ann_max", None, "Largest N IRLI is trained on in the ANN part (1M; see the skip "
                      "reason in BENCHMARKS.md).")
 flags.DEFINE_float("hnsw_budget", None, "Skip hnswlib where its build, estimated from the last measured rate, "
                    "would take longer than this many seconds (300).")
 flags.DEFINE_integer("candidates", None, "ANN: recall@10 and queries/s compared at this many candidates per query "
-                     "(4000; --small: 500).")
+                     "(4000; --small: 1000).")
 flags.DEFINE_integer("hnsw_ef", None, "ANN: the hnswlib setting in the summary table (40).")
 flags.DEFINE_string("workdir", None, "Scratch directory for the runs, each replacing its own (runs/scaling).")
 flags.DEFINE_string("out", "benchmarks/scaling.json", "JSON result path; the PNGs go beside it.")

@@ -295,9 +295,45 @@ def test_n_items_default_and_bound():
     args = (BUCKET_IDS, BUCKET_SCORES, OFFSETS, MEMBERS, WEIGHTS, 3)
     assert_same(host.merge_topk(*args, n_items=5), host.merge_topk(*args))
     assert_same(host.merge_topk(*args, n_items=1000), reference.merge_topk(*args))
+    # Item 4 is only in repetition 1's bucket 2: unrouted, it is not read and not checked ...
+    for b in (host, reference):
+        assert_same(b.merge_topk(*args, n_items=4), reference.merge_topk(*args))
+    # ... routed, it is refused; without n_items every member is scanned, routed or not.
+    routed = BUCKET_IDS.copy()
+    routed[0, 1, 1] = 2
+    negative = MEMBERS.copy()
+    negative[1, 4] = -3
     for b in (host, reference):
         with pytest.raises(ValueError, match="members"):
-            b.merge_topk(*args, n_items=4)
+            b.merge_topk(routed, *args[1:], n_items=4)
+        with pytest.raises(ValueError, match="members"):
+            b.merge_topk(BUCKET_IDS, BUCKET_SCORES, OFFSETS, negative, WEIGHTS, 3)
+
+
+def test_scratch_kept_across_calls_stays_clean():
+    """Per-item scratch outlives a call (and a call that fails part-way drops its own): calls of
+    growing and shrinking size, with failing calls between them, all equal the reference."""
+    from jaxidx.partition import Partition
+
+    rng = np.random.default_rng(5)
+    for N in (50, 6000, 20, 6000, 300):
+        R, B, Q, m = 3, 8, 40, 3
+        part = Partition.from_assignment(rng.integers(0, B, (R, N)).astype(i32), B)
+        bids = rng.integers(-1, B, (Q, R, m)).astype(i32)
+        bsc = (rng.integers(-16, 17, (Q, R, m)) / 8).astype(f32)
+        bad = part.members.copy()
+        bad[0, 0] = N  # in repetition 0's first non-empty bucket, which every query routes to
+        first = np.full_like(bids, np.argmax(np.diff(part.offsets[0]) > 0))
+        for b in (host, reference):
+            with pytest.raises(ValueError, match="members"):
+                b.merge_topk(first, bsc, part.offsets, bad, None, 5, 2, "sum", N, 2)
+        args = (bids, bsc, part.offsets, part.members, None, 5, 2, "sum", N)
+        assert_same(host.merge_topk(*args, 2), reference.merge_topk(*args))
+        cand = (bids, part.offsets, part.members, 2, 5, N)
+        assert_same(host.merge_candidates(*cand, 2), reference.merge_candidates(*cand))
+        queries, base = rng.random((Q, 4), dtype=f32), rng.random((N, 4), dtype=f32)
+        ids = rng.integers(-1, N, (Q, 30)).astype(i32)
+        assert_same(host.rerank_topk(queries, base, ids, 3, "l2", 2), reference.rerank_topk(queries, base, ids, 3, "l2"))
 
 
 def test_csr_to_padded():

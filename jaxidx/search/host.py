@@ -8,6 +8,12 @@ Arrays are passed through without conversion: ids and offsets must be int32
 integer options must be integers (Python or NumPy) in range, `k` at most
 2^31 - 1 (ids are int32). Anything else raises ValueError naming the argument.
 If the system cannot start all `n_threads` threads, the ones started do the work.
+
+Per-item scratch (one slot per item and thread) is kept across calls, up to
+1 GiB per kernel, so a single query does not pay for zeroing O(items) memory.
+Pass `n_items` to the merges: members are then checked only where a query reads
+them, and a call's cost does not grow with the partition's size; without it,
+every member is scanned for the largest id.
 """
 try:
     from jaxidx import _kernels
@@ -20,7 +26,8 @@ __all__ = ["merge_topk", "merge_candidates", "rerank_topk", "topk_rows", "balanc
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
                n_threads=0):
     """Top-k items of the routed buckets: (ids, scores, counts, n_candidates).
-    See reference.merge_topk. n_items sizes per-thread scratch (default: max member id + 1)."""
+    See reference.merge_topk. n_items sizes per-thread scratch (default: max member id + 1, found by
+    scanning every member)."""
     return _kernels.merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count, agg, n_items,
                                n_threads)
 

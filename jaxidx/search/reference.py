@@ -133,6 +133,16 @@ def _accumulate(bucket_ids, bucket_scores, offsets, members, weights, agg):
     return uniq, count, score
 
 
+def _routed_members(bucket_ids, offsets, members):
+    """The member ids of every bucket some query routes to (each bucket once)."""
+    R, B = offsets.shape[0], offsets.shape[1] - 1
+    routed = np.zeros((R, B), bool)
+    q, r, j = np.nonzero(bucket_ids >= 0)
+    routed[r, bucket_ids[q, r, j]] = True
+    parts = [members[r, : offsets[r, B]][np.repeat(routed[r], np.diff(offsets[r]))] for r in range(R)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
                n_threads=0):
     """Top-k items of each query's routed buckets, by summed (or max) bucket score.
@@ -142,7 +152,9 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
     (entries past offsets[r, B] are ignored), weights float32 [R, M] or None (all 1).
     Each member of a routed bucket is a hit contributing bucket score * weight.
     Candidates are the items with at least t hits, t = min_count relaxed until k
-    items qualify. Returns (ids [Q, k], scores [Q, k], counts [Q, k],
+    items qualify. Member ids must lie in [0, n_items): with n_items given, only the
+    members of routed buckets are read and checked (a call's cost does not grow
+    with the partition); with None, all are scanned and n_items = max id + 1. Returns (ids [Q, k], scores [Q, k], counts [Q, k],
     n_candidates [Q]), best first, padded with -1 / -inf / 0. n_threads is unused.
     """
     check_array(bucket_ids, "bucket_ids", np.int32, 3)
@@ -165,12 +177,12 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
     if n_items is not None and n_items < 0:
         raise ValueError("n_items: must be >= 0 (or None)")
     _check_csr(offsets, "offsets", members.shape[1])
-    used = [members[r, : offsets[r, B]] for r in range(R)]
-    all_used = np.concatenate(used) if R else np.zeros(0, np.int32)
-    if n_items is None:
-        n_items = int(all_used.max()) + 1 if all_used.size else 0
-    _check_range(all_used, "members", 0, n_items)
+    if n_items is None:  # every member is scanned for the largest id
+        used = np.concatenate([members[r, : offsets[r, B]] for r in range(R)]) if R else np.zeros(0, np.int32)
+        _check_range(used, "members", 0, np.inf)
+        n_items = int(used.max()) + 1 if used.size else 0
     _check_range(bucket_ids.ravel(), "bucket_ids", -1, B)
+    _check_range(_routed_members(bucket_ids, offsets, members), "members", 0, n_items)
 
     ids = np.full((Q, k), -1, np.int32)
     scores = np.full((Q, k), -np.inf, np.float32)
