@@ -157,7 +157,7 @@ struct ZeroBuffer {
 // items dominates a single query's time; a lease reuses a kept buffer instead.
 // Holders hand buffers back all zero (the kernels clear exactly the entries
 // they touched); one released while an exception unwinds may be dirty and is
-// freed. At most kKeptBytes stay kept, larger buffers first.
+// freed. At most kKeptBytes per element type stay kept, larger buffers first.
 template <class T>
 class ZeroPool {
   public:
@@ -165,21 +165,26 @@ class ZeroPool {
 
     class Lease {
       public:
-        Lease(ZeroPool& pool, size_t n) : pool_(pool), exceptions_(std::uncaught_exceptions()), buf_(pool.take(n)) {}
+        explicit Lease(size_t n) : exceptions_(std::uncaught_exceptions()), buf_(shared().take(n)) {}
         Lease(const Lease&) = delete;
         Lease& operator=(const Lease&) = delete;
         ~Lease() {
-            if (std::uncaught_exceptions() == exceptions_) pool_.give(std::move(buf_));
+            if (std::uncaught_exceptions() == exceptions_) shared().give(std::move(buf_));
         }
         T* get() const { return buf_.get(); }
 
       private:
-        ZeroPool& pool_;
         int exceptions_;
         ZeroBuffer<T> buf_;
     };
 
   private:
+    // One pool per element type, shared by every kernel; never destroyed, so no order issues at exit.
+    static ZeroPool& shared() {
+        static auto* pool = new ZeroPool();
+        return *pool;
+    }
+
     ZeroBuffer<T> take(size_t n) {
         {
             std::lock_guard<std::mutex> lock(mu_);

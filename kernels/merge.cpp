@@ -67,11 +67,6 @@ int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_
 
 using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
 
-ZeroPool<Slot>& slot_pool() {
-    static auto* pool = new ZeroPool<Slot>();  // never destroyed: no order issues at exit
-    return *pool;
-}
-
 [[noreturn]] void bad_member(int64_t r, int64_t p, int32_t id, int64_t n_items) {
     fail("members", "id " + std::to_string(id) + " at [" + std::to_string(r) + ", " + std::to_string(p) +
                         "] out of range [0, n_items=" + (n_items >= 0 ? std::to_string(n_items) : std::string("inf")) +
@@ -168,7 +163,7 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
             std::vector<int32_t> touched, counts;
             std::vector<Routed> routed;
             TopK top{true};
-            explicit Scratch(size_t n) : slots(slot_pool(), n) {}
+            explicit Scratch(size_t n) : slots(n) {}
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {

@@ -156,11 +156,6 @@ ScanFn pick_scan(int metric) {
     return portable[metric];
 }
 
-ZeroPool<uint8_t>& seen_pool() {
-    static auto* pool = new ZeroPool<uint8_t>();  // never destroyed: no order issues at exit
-    return *pool;
-}
-
 }  // namespace
 
 py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, const py::object& cand_offsets_o,
@@ -230,7 +225,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
             std::vector<int32_t> unique;
             std::vector<float> qpad;
             TopK top{false};
-            explicit Scratch(size_t n) : seen(seen_pool(), n) {}
+            explicit Scratch(size_t n) : seen(n) {}
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {

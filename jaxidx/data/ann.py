@@ -140,17 +140,23 @@ def load_glove(n_base: Optional[int] = None, n_queries: Optional[int] = None) ->
                          f"got base={n_base}, queries={n_queries}")
     base, queries = base[:n_base], queries[:n_queries]
     k = min(GROUND_TRUTH_K, n_base)
-    stem = cache_dir() / f"glove-6b-50d_base{n_base}_queries{n_queries}_top{k}"
-    ids_path, dist_path = Path(f"{stem}_ids.npy"), Path(f"{stem}_dist.npy")
-    if ids_path.exists() and dist_path.exists():
-        gt_ids, gt_dist = np.load(ids_path), np.load(dist_path)
-    else:
-        gt_ids, gt_dist = exact_knn(queries, base, k, "angular")
-        save_npy_atomic(ids_path, gt_ids)
-        save_npy_atomic(dist_path, gt_dist)
+    gt_ids, gt_dist = cached_exact_knn(f"glove-6b-50d_base{n_base}_queries{n_queries}_top{k}", queries, base, k,
+                                       "angular")
     full = n_base == GLOVE_ROWS - GLOVE_QUERIES and n_queries == GLOVE_QUERIES
     name = "glove-6b-50d" if full else f"glove-6b-50d:base={n_base},queries={n_queries}"
     return ANNData(name=name, base=base, queries=queries, metric="angular", gt_ids=gt_ids, gt_dist=gt_dist)
+
+
+def cached_exact_knn(stem: str, queries: np.ndarray, base: np.ndarray, k: int, metric: str):
+    """`exact_knn` ground truth (ids, dist), cached under `cache_dir()` as `<stem>_ids.npy` and
+    `<stem>_dist.npy`; `stem` must name the data exactly (it is the only cache key)."""
+    ids_path, dist_path = cache_dir() / f"{stem}_ids.npy", cache_dir() / f"{stem}_dist.npy"
+    if ids_path.exists() and dist_path.exists():
+        return np.load(ids_path), np.load(dist_path)
+    gt_ids, gt_dist = exact_knn(queries, base, k, metric)
+    save_npy_atomic(ids_path, gt_ids)
+    save_npy_atomic(dist_path, gt_dist)
+    return gt_ids, gt_dist
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from jaxidx.data.ann import GLOVE_QUERIES, GLOVE_ROWS, GROUND_TRUTH_K, cache_dir, glove_split, normalize_rows, save_npy_atomic
+from jaxidx.data.ann import (GLOVE_QUERIES, GLOVE_ROWS, GROUND_TRUTH_K, cached_exact_knn, glove_split,
+                             normalize_rows)
 from jaxidx.data.groundtruth import exact_knn
 from jaxidx.data.types import ANN_METRICS, ANNData, XMCData
 
@@ -124,12 +125,6 @@ def glove_copies(n_base: int, n_queries: int = 1000, noise: float = 0.5, seed: i
     else:
         base = base[:n_base]
     name = f"glove-copies:base={n_base},queries={n_queries},noise={noise:g},seed={seed}"
-    stem = cache_dir() / name.replace(":", "_").replace(",", "_").replace("=", "")
-    ids_path, dist_path = stem.parent / f"{stem.name}_ids.npy", stem.parent / f"{stem.name}_dist.npy"
-    if ids_path.exists() and dist_path.exists():
-        gt_ids, gt_dist = np.load(ids_path), np.load(dist_path)
-    else:
-        gt_ids, gt_dist = exact_knn(queries, base, min(GROUND_TRUTH_K, n_base), "angular")
-        save_npy_atomic(ids_path, gt_ids)
-        save_npy_atomic(dist_path, gt_dist)
+    gt_ids, gt_dist = cached_exact_knn(name.replace(":", "_").replace(",", "_").replace("=", ""), queries, base,
+                                       min(GROUND_TRUTH_K, n_base), "angular")
     return ANNData(name=name, base=base, queries=queries, metric="angular", gt_ids=gt_ids, gt_dist=gt_dist)

@@ -54,7 +54,8 @@ def check_tokens(tokens, vocab_size: int, length: int) -> None:
         raise ValueError("queries: a text encoder needs 'tokens' (the rows' token ids; see jaxidx.data.text)")
     if np.ndim(tokens) != 2 or np.shape(tokens)[1] != length:
         raise ValueError(f"queries: tokens must be [Q, {length}] (the training rows' length), got {np.shape(tokens)}")
-    bad = np.asarray(tokens)[(np.asarray(tokens) < 0) | (np.asarray(tokens) >= vocab_size)]
+    tokens = np.asarray(tokens)
+    bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
     if bad.size:
         raise ValueError(f"queries: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 

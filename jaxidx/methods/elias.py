@@ -554,7 +554,7 @@ class ELIASStage:
 
     # --- clustering and adjacency ----------------------------------------------------------------
     def _initial_clustering(self) -> np.ndarray:
-        data, m = self.method.data, self.config.model
+        data = self.method.data
         feats = clustering.pifa(data.X_train, data.Y_train)
         leaf = clustering.balanced_tree(feats, self.method.n_clusters, seed=self.config.seed)
         log.info("initial clustering: %d labels into %d balanced leaves of <= %d", self.method.n_labels,

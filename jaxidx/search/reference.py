@@ -154,8 +154,9 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
     Candidates are the items with at least t hits, t = min_count relaxed until k
     items qualify. Member ids must lie in [0, n_items): with n_items given, only the
     members of routed buckets are read and checked (a call's cost does not grow
-    with the partition); with None, all are scanned and n_items = max id + 1. Returns (ids [Q, k], scores [Q, k], counts [Q, k],
-    n_candidates [Q]), best first, padded with -1 / -inf / 0. n_threads is unused.
+    with the partition); with None, all are scanned and n_items = max id + 1.
+    Returns (ids [Q, k], scores [Q, k], counts [Q, k], n_candidates [Q]), best
+    first, padded with -1 / -inf / 0. n_threads is unused.
     """
     check_array(bucket_ids, "bucket_ids", np.int32, 3)
     check_array(bucket_scores, "bucket_scores", np.float32, 3)
