@@ -22,11 +22,13 @@ ext_modules = [
 
 setup(
     name="jaxidx",
-    version="0.1.0",
+    version="0.2.0",
     description="Learned indexes (IRLI, LMI, ELIAS) in JAX for extreme classification and ANN search",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["jaxidx", "jaxidx.*"]),
+    # The presets live in the top-level configs/ folder and install as jaxidx.configs.
+    packages=find_packages(include=["jaxidx", "jaxidx.*"]) + ["jaxidx.configs"],
+    package_dir={"jaxidx.configs": "configs"},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

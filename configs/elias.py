@@ -7,9 +7,11 @@ transformer. Here the encoder is an MLP over tf-idf / bag-of-words trained
 from scratch, kappa is 128-256 for small data, and epochs are scaled to a
 2-core CPU. Stage 1 trains for train.epochs, stage 2 for train.stage2_epochs.
 """
+import math
+
 import ml_collections
 
-from jaxidx.config import budget_epochs, base_config, preset
+from jaxidx.config import base_config, budget_epochs, pow2_near, preset
 from jaxidx.data.synthetic import scaling_xmc_rows, scaling_xmc_spec
 
 
@@ -91,6 +93,32 @@ def debian_depends_text():
     return c
 
 
+def auto(data) -> ml_collections.ConfigDict:
+    """Sized from XMC data (`jaxidx.fit("elias", (X, Y))`), by rules that follow its sizes only (they give
+    the tuned bibtex / delicious / debian-depends presets' values within a factor of two):
+    leaves of max_leaf = the power of two near sqrt(L) within 8..100 labels (C ~ L / max_leaf clusters);
+    beam C / 2 within 4..20; kappa 4 x max_leaf within 16..256; dense input, hidden 512 and dropout 0.5
+    up to 4096 features, else an embedding bag, hidden 1024, dropout 0.2 and stage 2 keeping stage 1's
+    label classifiers (the long-tail setting); batch 128 below 8000 rows else 256; about 1000 steps per
+    stage (epochs within 10..20)."""
+    L, n, D = data.n_labels, data.X_train.shape[0], data.n_features
+    c = _elias(data.name)
+    max_leaf = min(100, max(8, pow2_near(math.sqrt(L))))
+    C = 1 << max(0, math.ceil(math.log2(L / max_leaf)))
+    beam = min(20, max(4, C // 2), C)
+    dense = D <= 4096
+    c.model.update(input="dense" if dense else "sparse", max_leaf=max_leaf, beam=beam,
+                   kappa=min(256, max(16, 4 * max_leaf)), hidden=(512,) if dense else (1024,),
+                   dropout=0.5 if dense else 0.2, shortlist=min(2000, L))
+    batch = 128 if n < 8000 else 256
+    epochs = min(20, max(10, round(1000 * batch / max(n, 1))))
+    c.train.update(epochs=epochs, stage2_epochs=epochs, batch_size=batch, stage2_reinit_labels=dense)
+    c.search.settings = [{"beam": beam, "shortlist": min(500, L)},
+                         {"beam": min(C, 2 * beam), "shortlist": min(1000, L)}]
+    c.lock()
+    return c
+
+
 SCALING_MAX_CLUSTERS = 1024
 
 
@@ -120,4 +148,4 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    return preset(PRESETS, arg, "tiny")
+    return preset(PRESETS, arg, "tiny", auto)

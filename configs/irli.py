@@ -113,6 +113,38 @@ def scaling_ann(n_base: int, epochs: int = 8, n_queries: int = 1000):
     return c
 
 
+def auto(data) -> ml_collections.ConfigDict:
+    """Sized from the data (`jaxidx.fit("irli", data)`), by rules that follow its sizes only.
+
+    ANN (N vectors of d): B = the power of two near sqrt(N) (2..4096), R 4, hidden the power of two near
+    max(d, B) within 64..256, trained on at most 50K sampled points (their exact neighbours cost
+    O(sample x N)) for 8 epochs, re-partitioned every 2, loads capped at 1.5x the mean; m swept.
+    XMC (L labels, D features): B = the power of two near 2 sqrt(L) (the scaling rule: routing R H B
+    against candidates R m L / B), R 16 below 10K labels else 8, K 4 up to 64 buckets else 10, hidden
+    512 for dense inputs (D <= 4096) else 256, 20 epochs re-partitioned every 5; m swept, MACH up to 100K labels.
+    """
+    if data.task == "ann":
+        n, d = data.n_items, data.dim
+        B = min(4096, pow2_near(math.sqrt(n)))
+        train = min(n, 50000)
+        c = _ann(_irli(data.name))
+        c.model.update(n_reps=4, n_buckets=B, hidden=(min(256, max(64, pow2_near(max(d, B)))),))
+        c.train.update(epochs=8, batch_size=min(512, max(64, pow2_near(train / 100))),
+                       max_train_points=train if train < n else 0)
+        c.partition.repartition_every = 2
+        c.search.settings = [{"m": m, "min_count": mc} for m in (1, 2, 4, 8, 16, 32) if m <= B // 2 or m == 1
+                             for mc in (1, 2)]
+    else:
+        L = data.n_labels
+        B = max(2, pow2_near(2 * math.sqrt(L)))
+        c = _xmc(data.name, n_reps=16 if L < 10000 else 8, n_buckets=B, top_k=min(B, 4 if B <= 64 else 10),
+                 hidden=512 if data.n_features <= 4096 else 256)
+        c.search.settings = ([{"m": m, "min_count": 1} for m in (2, 5, 10) if m <= B]
+                             + ([{"mode": "mach"}] if L <= 100000 else []))
+    c.lock()
+    return c
+
+
 PRESETS = {
     "tiny": tiny,
     "tiny-xmc": tiny_xmc,
@@ -129,4 +161,4 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    return preset(PRESETS, arg, "tiny")
+    return preset(PRESETS, arg, "tiny", auto)

@@ -97,10 +97,29 @@ def scaling_ann(n_base: int, examples: int = 2 * 10**6, n_queries: int = 1000):
     return c
 
 
+def auto(data) -> ml_collections.ConfigDict:
+    """Sized from an ANN data set (`jaxidx.fit("lmi", x)`), by rules that follow N and d only:
+    one level of B = the power of two near sqrt(N) leaves (2..4096); MLP d -> W -> B with W the power of
+    two near max(d, B), within 64..512; about 2M training examples (epochs = round(2e6 / N), within
+    3..20), batch the power of two near N / 100 (64..1024); soft targets; n_probe swept in powers of two
+    up to B / 2 (and budgets), which covers recall@10 0.8-0.99 on the sets measured (BENCHMARKS.md)."""
+    n, d = data.n_items, data.dim
+    leaves = min(4096, pow2_near(math.sqrt(n)))
+    c = _lmi(data.name)
+    c.model.update(levels=(leaves,), hidden=((min(512, max(64, pow2_near(max(d, leaves)))),),))
+    c.train.update(epochs=min(20, max(3, round(2e6 / n))), batch_size=min(1024, max(64, pow2_near(n / 100))))
+    probes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256) if p <= max(1, leaves // 2)]
+    c.search.settings = ([{"n_probe": p} for p in probes]
+                         + [{"n_probe": probes[-1], "max_candidates": b} for b in (1000, 2000, 4000, 8000)
+                            if b < n // 4])
+    c.lock()
+    return c
+
+
 SCALING_ANN_SIZES = (("100k", 100000), ("390k", 390000), ("1m", 1000000), ("4m", 4000000))
 PRESETS = {"tiny": tiny, "starter": starter, "glove-small": glove_small, "glove": glove,
            **{f"scaling-ann-{name}": (lambda n=n: scaling_ann(n)) for name, n in SCALING_ANN_SIZES}}
 
 
 def get_config(arg=None):
-    return preset(PRESETS, arg, "tiny")
+    return preset(PRESETS, arg, "tiny", auto)

@@ -32,9 +32,9 @@ def evaluate(index, data, settings, k: int = 10) -> list[dict]:
     results = []
     for setting in settings:
         setting = dict(setting)
-        index.search(_head(queries, min(n, 8)), setting, k_search)  # compile / warm up
+        index.query(_head(queries, min(n, 8)), setting, k_search)  # compile / warm up
         t0 = time.perf_counter()
-        res = index.search(queries, setting, k_search)
+        res = index.query(queries, setting, k_search)
         seconds = time.perf_counter() - t0
         entry = dict(setting)
         if isinstance(data, XMCData):
@@ -42,7 +42,7 @@ def evaluate(index, data, settings, k: int = 10) -> list[dict]:
         elif isinstance(data, ANNData):
             entry["recall@10"] = knn_recall(res.ids, data.gt_ids, 10)
             entry["recall@10_distance"] = knn_recall_distance(
-                benchmark_distance(res.dist, data.metric), data.gt_dist, 10)
+                benchmark_distance(res.scores, data.metric), data.gt_dist, 10)
         entry["candidates_per_query"] = candidates_per_query(res.n_candidates)
         entry["queries_per_second"] = n / seconds
         results.append({k_: _py(v) for k_, v in entry.items()})

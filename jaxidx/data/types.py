@@ -51,8 +51,8 @@ class XMCData:
     name: str
     X_train: sp.csr_matrix
     Y_train: sp.csr_matrix
-    X_test: sp.csr_matrix
-    Y_test: sp.csr_matrix
+    X_test: Optional[sp.csr_matrix] = None  # None: built for an index only (jaxidx.fit on (X, Y))
+    Y_test: Optional[sp.csr_matrix] = None
     # Token ids [n, max_len] of each row's raw text (see jaxidx.data.text), where the data set has text.
     tokens_train: Optional[np.ndarray] = None
     tokens_test: Optional[np.ndarray] = None
@@ -79,15 +79,16 @@ class ANNData:
 
     `base`/`queries` are float32 and already L2-normalised when metric is angular.
     `gt_ids`/`gt_dist` [Q, K] are the exact neighbours in ann-benchmarks distance
-    convention (see `benchmark_distance`), ascending.
+    convention (see `benchmark_distance`), ascending. Queries and ground truth are
+    None for a base given to `jaxidx.fit` alone: building never needs them.
     """
 
     name: str
     base: np.ndarray
-    queries: np.ndarray
-    metric: str
-    gt_ids: np.ndarray
-    gt_dist: np.ndarray
+    queries: Optional[np.ndarray] = None
+    metric: str = "euclidean"
+    gt_ids: Optional[np.ndarray] = None
+    gt_dist: Optional[np.ndarray] = None
     train_queries: Optional[np.ndarray] = None  # extra training points, if a source has them
 
     task = "ann"

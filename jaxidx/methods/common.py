@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +11,12 @@ import numpy as np
 
 @dataclasses.dataclass
 class SearchResult:
-    """Ranked item ids [Q, k] (-1 = none), candidates scored per query [Q], distances for ANN."""
+    """Ranked item ids [Q, k] (-1 = none), their scores [Q, k] (ANN: kernel distances, ascending -
+    squared L2 or -dot; XMC: label scores, descending) and the candidates scored per query [Q]."""
 
     ids: np.ndarray
+    scores: np.ndarray
     n_candidates: np.ndarray
-    dist: Optional[np.ndarray] = None
 
 
 def route_topm(apply: Callable, params, x, *, m: int, kind: str):

@@ -6,7 +6,6 @@ positives are the training points it is a true neighbour of).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from functools import partial
@@ -21,7 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData, XMCData
-from jaxidx.methods.common import SearchResult, check_queries, route_topm, validate_common
+from jaxidx.data.ann import normalize_rows
+from jaxidx.index import Index, dense_rows, is_int, kernel_metric, n_rows, query_blocks, rows_of_ids, sparse_rows
+from jaxidx.methods.common import SearchResult, route_topm, validate_common
 from jaxidx.models.router import RepeatedMLP, affine_head
 from jaxidx.partition import Partition, bucket_stats, hash_assignment
 from jaxidx.train import batches as B_
@@ -116,19 +117,11 @@ class IRLI:
         else:
             raise TypeError(f"IRLI: unsupported data {type(data).__name__}")
         validate_config(config, self.n_items)
-        m = config.model
-        self.model = RepeatedMLP(m.n_reps, tuple(m.hidden), m.n_buckets, self.n_features, m.init_std)
-        self.n_train = _n_rows(self.inputs)
+        self.model = router_model(config, self.n_features)
+        self.n_train = n_rows(self.inputs)
         self.batch_size = config.train.batch_size
         self.steps_per_epoch = B_.steps_per_epoch(self.n_train, self.batch_size)
         self._hidden_fn = jax.jit(lambda p, x: self.model.apply(p, x)[0])
-        self._route = jax.jit(partial(route_topm, self.model.apply, kind=m.loss), static_argnames="m")
-
-    def model_input(self, x):
-        """Queries as the router takes them: padded sparse rows are densified for a dense-input router."""
-        if isinstance(x, dict) and not self.n_features:
-            return B_.densify_rows(x, self.in_dim)
-        return x
 
     @functools.cached_property
     def labels(self) -> np.ndarray:
@@ -265,77 +258,190 @@ class IRLI:
 
     # --- search ----------------------------------------------------------------------------------
     def index(self, params, aux) -> "IRLIIndex":
-        # Only the exhaustive MACH search (XMC) reads the assignment itself; an ANN index keeps just the CSR.
-        return IRLIIndex(self, params, Partition.from_assignment(aux["assign"], self.config.model.n_buckets),
-                         aux["assign"] if self.task == "xmc" else None)
+        info = {"data_fingerprint": self.data.fingerprint()}
+        if self.task == "ann":
+            info["metric"] = self.data.metric
+        return IRLIIndex.from_training(self.config, params, aux, self.task, self.in_dim, self.n_features,
+                                       self.data.base if self.task == "ann" else None, info)
 
 
-@dataclasses.dataclass
-class IRLIIndex:
-    """A trained IRLI router with the partition it was trained against."""
+def router_model(config, n_features: int) -> RepeatedMLP:
+    """R stacked MLPs d -> hidden -> B (an embedding bag first layer when n_features > 0)."""
+    m = config.model
+    return RepeatedMLP(m.n_reps, tuple(m.hidden), m.n_buckets, n_features, m.init_std)
 
-    method: IRLI
-    params: dict
-    partition: Partition
-    assign: Optional[np.ndarray]  # [R, N], XMC only
+
+class IRLIIndex(Index):
+    """A trained IRLI router with the partition it was trained against.
+
+    arrays: `offsets` [R, B+1] and `members` [R, M] (CSR per repetition), `assign` [R, M] (bucket of
+    each item per repetition). XMC: members are label ids. ANN: members are rows of `vectors` [N, d]
+    (laid out in repetition 0's bucket order, so its buckets are contiguous), `ids` [N] int64 the item id
+    of each row, and `center` [R, B] (each bucket's mean logit over the items, once `add` has needed it).
+    """
+
+    method = "irli"
+    setting_keys = ("m", "min_count", "mode")
+
+    def __init__(self, config, params, arrays, info):
+        super().__init__(config, params, arrays, info)
+        self.task = self.info["task"]
+        self.model = router_model(self.config, int(self.info["n_features"]))
+        m = self.config.model
+        self.n_buckets, self.n_reps = m.n_buckets, m.n_reps
+        self._route = jax.jit(partial(route_topm, self.model.apply, kind=m.loss), static_argnames="m")
+        self.params = jax.device_put(self.params)
+
+    @classmethod
+    def from_training(cls, config, params, aux, task: str, in_dim: int, n_features: int,
+                      vectors: Optional[np.ndarray], info: dict) -> "IRLIIndex":
+        assign = np.asarray(aux["assign"])
+        info = dict(info, task=task, dim=in_dim, n_features=n_features, n_items=assign.shape[1])
+        if task == "xmc":
+            return cls(config, params, _partition_arrays(assign, config.model.n_buckets), info)
+        order = np.argsort(assign[0], kind="stable")
+        arrays = {"vectors": np.ascontiguousarray(vectors[order], np.float32), "ids": order.astype(np.int64),
+                  **_partition_arrays(np.ascontiguousarray(assign[:, order]), config.model.n_buckets)}
+        return cls(config, params, arrays, dict(info, next_id=len(order)))
+
+    def _check_setting(self, setting: dict) -> None:
+        mode = setting.get("mode", "topk")
+        if mode not in ("topk", "mach"):
+            raise ValueError(f"search: mode={mode!r} unknown; valid: topk, mach")
+        if mode == "mach":
+            if self.task != "xmc":
+                raise ValueError("search: mode='mach' scores every label; it is for XMC indexes only")
+            return
+        m, min_count = setting.get("m"), setting.get("min_count", 1)
+        if not is_int(m) or not 1 <= m <= self.n_buckets:
+            raise ValueError(f"search: m={m!r} must be an integer in [1, {self.n_buckets}] (the buckets)")
+        if not is_int(min_count) or not 1 <= min_count <= self.n_reps:
+            raise ValueError(f"search: min_count={min_count!r} must be an integer in [1, {self.n_reps}] "
+                             "(the repetitions)")
+
+    def _prepare(self, queries, what: str = "queries"):
+        if self.task == "xmc":
+            return sparse_rows(queries, self.dim)
+        x = dense_rows(queries, self.dim, what)
+        return normalize_rows(x, what) if self.metric == "angular" else x
+
+    def model_input(self, x):
+        """Queries as the router takes them: padded sparse rows are densified for a dense-input router."""
+        if isinstance(x, dict):
+            x = {k: x[k] for k in ("idx", "val")}
+            return B_.densify_rows(x, self.dim) if not self.info["n_features"] else x
+        return x
 
     def route(self, queries, m: int):
-        """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device;
-        every batch is padded to `search.query_batch` rows so one compiled shape serves all)."""
-        bs = self.method.config.search.query_batch
-        n = _n_rows(queries)
+        """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device)."""
         ids, scores = [], []
-        for s in range(0, n, bs):
-            batch, rows = _padded_rows(queries, s, bs)
-            i, p = self.method._route(self.params, self.method.model_input(batch), m=m)
-            ids.append(np.asarray(i)[:rows])
-            scores.append(np.asarray(p)[:rows])
+        for batch, n in query_blocks(queries, self.config.search.query_batch):
+            i, p = self._route(self.params, self.model_input(batch), m=m)
+            ids.append(np.asarray(i)[:n])
+            scores.append(np.asarray(p)[:n])
         return np.concatenate(ids), np.concatenate(scores)
 
-    def search(self, queries, setting: dict, k: int) -> SearchResult:
-        check_queries(queries, self.method.in_dim)
-        mode = setting.get("mode", "topk")
-        if mode == "mach":
+    def _query(self, queries, setting: dict, k: int) -> SearchResult:
+        if setting.get("mode", "topk") == "mach":
             return self._search_mach(queries, k)
         ids, scores = self.route(queries, setting["m"])
         min_count = setting.get("min_count", 1)
-        n_threads = self.method.config.search.n_threads
-        if self.method.task == "xmc":
-            top, _, _, n_cand = kernels.merge_topk(ids, scores, self.partition.offsets, self.partition.members,
-                                                   None, k, min_count, "sum", self.partition.members.shape[1],
-                                                   n_threads)
-            return SearchResult(ids=top, n_candidates=n_cand)
+        n_threads = self.config.search.n_threads
+        members, offsets = self.arrays["members"], self.arrays["offsets"]
+        if self.task == "xmc":
+            top, score, _, n_cand = kernels.merge_topk(ids, scores, offsets, members, None, k, min_count, "sum",
+                                                       len(self), n_threads)
+            return SearchResult(ids=top, scores=score, n_candidates=n_cand)
         # ANN: every item hit in >= min_count repetitions (relaxed until k exist) is re-ranked exactly.
-        data = self.method.data
-        cand = kernels.merge_candidates(ids, self.partition.offsets, self.partition.members, min_count, k,
-                                        self.method.n_items, n_threads)[:2]
-        top, dist, n_unique = kernels.rerank_topk(_dense(queries), data.base, cand, k, data.kernel_metric, n_threads)
-        return SearchResult(ids=top, n_candidates=n_unique, dist=dist)
+        vectors = self.arrays["vectors"]
+        cand = kernels.merge_candidates(ids, offsets, members, min_count, k, len(vectors), n_threads)[:2]
+        rows, dist, n_unique = kernels.rerank_topk(queries, vectors, cand, k, kernel_metric(self.metric), n_threads)
+        top = np.where(rows >= 0, self.arrays["ids"][np.maximum(rows, 0)], -1)
+        return SearchResult(ids=top, scores=dist, n_candidates=n_unique)
 
     @functools.cached_property
     def _mach_scores(self):
-        """Jitted (params, x, k) -> top-k labels by the sum over r of the logit of each label's bucket."""
-        assign = jnp.asarray(self.assign)
-        apply = self.method.model.apply
+        """Jitted (params, x, k) -> top-k (scores, labels) by the sum over r of the logit of each label's bucket."""
+        assign = jnp.asarray(self.arrays["assign"])
+        apply = self.model.apply
 
         @partial(jax.jit, static_argnames="k")
         def scores_topk(params, x, k):
             _, logits = apply(params, x)  # [b, R, B]
             per_rep = jax.vmap(lambda lg, a: jnp.take(lg, a, axis=-1), in_axes=(1, 0))(logits, assign)
-            return jax.lax.top_k(per_rep.sum(0), k)[1]
+            return jax.lax.top_k(per_rep.sum(0), k)
 
         return scores_topk
 
     def _search_mach(self, queries, k: int) -> SearchResult:
         """Exhaustive MACH estimator: every label scored by the sum over r of its bucket's logit."""
-        bs = self.method.config.search.query_batch
-        n = _n_rows(queries)
-        parts = []
-        for s in range(0, n, bs):
-            batch, rows = _padded_rows(queries, s, bs)
-            parts.append(np.asarray(self._mach_scores(self.params, self.method.model_input(batch), k))[:rows])
-        top = np.concatenate(parts).astype(np.int32)
-        return SearchResult(ids=top, n_candidates=np.full(n, self.assign.shape[1], np.int32))
+        k_eff = min(k, len(self))
+        tops, ids = [], []
+        for batch, n in query_blocks(queries, self.config.search.query_batch):
+            score, top = self._mach_scores(self.params, self.model_input(batch), k_eff)
+            tops.append(np.asarray(score)[:n])
+            ids.append(np.asarray(top)[:n])
+        top, score = np.concatenate(ids).astype(np.int32), np.concatenate(tops)
+        if k > k_eff:
+            pad = ((0, 0), (0, k - k_eff))
+            top, score = np.pad(top, pad, constant_values=-1), np.pad(score, pad, constant_values=-np.inf)
+        return SearchResult(ids=top, scores=score, n_candidates=np.full(len(top), len(self), np.int32))
+
+    # --- add / remove (ANN) ---------------------------------------------------------------------
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        """Router logits [n, R, B] of vectors x."""
+        fn = jax.jit(lambda p, b: self.model.apply(p, b)[1])
+        out = [np.asarray(fn(self.params, b))[:n] for b, n in query_blocks(x, self.config.search.query_batch)]
+        return np.concatenate(out) if out else np.zeros((0, self.n_reps, self.n_buckets), np.float32)
+
+    def add(self, vectors) -> np.ndarray:
+        """Place new vectors by the trained routers (no retraining), each repetition by the rule of the
+        re-partition: the least filled of the item's top-K buckets (scores centred per bucket when the
+        config centres them), within the capacity cap. Returns the new ids."""
+        if self.task != "ann":
+            return super().add(vectors)
+        x = self._prepare(vectors, "vectors")
+        p = self.config.partition
+        if len(x) == 0:
+            return np.zeros(0, np.int64)
+        scores = self._logits(x)
+        if p.center_scores:
+            if "center" not in self.arrays:  # each bucket's mean logit over the items, as in training
+                self.arrays["center"] = self._logits(self.arrays["vectors"]).mean(0).astype(np.float32)
+            scores = scores - self.arrays["center"][None]
+        n_total = len(self.arrays["ids"]) + len(x)
+        K = p.top_k
+        ranked = min(self.n_buckets, max(K, p.fallback_candidates)) if p.capacity_factor else K
+        cand = np.ascontiguousarray(np.argsort(-scores, axis=-1, kind="stable")[..., :ranked].transpose(1, 0, 2),
+                                    np.int32)
+        capacity = int(np.ceil(p.capacity_factor * n_total / self.n_buckets)) if p.capacity_factor else 0
+        counts = np.diff(self.arrays["offsets"], axis=1).astype(np.int64)
+        new_assign = kernels.balanced_assign(cand, self.n_buckets, capacity=capacity, initial_counts=counts,
+                                             n_choices=K)
+        new_ids = np.arange(self.info["next_id"], self.info["next_id"] + len(x), dtype=np.int64)
+        self._relayout(np.concatenate([self.arrays["vectors"], x]), np.concatenate([self.arrays["ids"], new_ids]),
+                       np.concatenate([self.arrays["assign"], new_assign], axis=1))
+        self.info["next_id"] = int(new_ids[-1]) + 1
+        return new_ids
+
+    def remove(self, ids) -> None:
+        """Remove items by id: they are never returned again (their rows leave every repetition)."""
+        if self.task != "ann":
+            return super().remove(ids)
+        keep = np.ones(len(self.arrays["ids"]), bool)
+        keep[rows_of_ids(self.arrays["ids"], ids)] = False
+        self._relayout(self.arrays["vectors"][keep], self.arrays["ids"][keep], self.arrays["assign"][:, keep])
+
+    def _relayout(self, vectors, ids, assign) -> None:
+        order = np.argsort(assign[0], kind="stable")
+        self.arrays.update(vectors=np.ascontiguousarray(vectors[order]), ids=ids[order],
+                           **_partition_arrays(np.ascontiguousarray(assign[:, order]), self.n_buckets))
+        self.info["n_items"] = len(ids)
+
+
+def _partition_arrays(assign: np.ndarray, n_buckets: int) -> dict:
+    part = Partition.from_assignment(assign, n_buckets)
+    return {"offsets": part.offsets, "members": part.members, "assign": assign.astype(np.int32)}
 
 
 def _train_points(data: ANNData, config) -> np.ndarray:
@@ -345,22 +451,3 @@ def _train_points(data: ANNData, config) -> np.ndarray:
     if not cap or cap >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng([config.seed, 7]).choice(n, cap, replace=False))
-
-
-def _n_rows(x) -> int:
-    return x["idx"].shape[0] if isinstance(x, dict) else x.shape[0]
-
-
-def _padded_rows(x, start: int, size: int):
-    """Rows [start, start+size) of dense or padded-sparse queries, padded with row 0 to `size`
-    rows (a fixed shape for jit); returns (batch, number of real rows)."""
-    rows = np.arange(start, min(start + size, _n_rows(x)))
-    real = len(rows)
-    rows = np.concatenate([rows, np.zeros(size - real, rows.dtype)])
-    return B_.take(x, rows), real
-
-
-def _dense(x):
-    if isinstance(x, dict):
-        raise TypeError("ANN queries must be dense arrays")
-    return np.ascontiguousarray(x, np.float32)

@@ -26,7 +26,6 @@ contiguous scan; results are original ids.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from functools import partial
@@ -40,7 +39,9 @@ from jax.sharding import PartitionSpec as P
 from jaxidx import kmeans as km
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData
-from jaxidx.methods.common import SearchResult, check_queries, validate_common
+from jaxidx.data.ann import normalize_rows
+from jaxidx.index import Index, dense_rows, is_int, kernel_metric, query_blocks, rows_of_ids
+from jaxidx.methods.common import SearchResult, validate_common
 from jaxidx.models.router import MLP, RepeatedMLP
 from jaxidx.partition import Partition, bucket_stats
 from jaxidx.train import batches as B_
@@ -191,7 +192,7 @@ def validate_config(config, data) -> None:
 class LMI:
     """Trainable LMI tree on ANN data; `index(params, aux)` gives the searchable index."""
 
-    name = "lmi"
+    name, task = "lmi", "ann"
 
     def __init__(self, config, data, mesh):
         validate_config(config, data)
@@ -201,8 +202,7 @@ class LMI:
         self.n_nodes = [math.prod(self.levels[:lvl]) for lvl in range(len(self.levels))]
         self.n_leaves = math.prod(self.levels)
         self.mlps = [MLP(tuple(h), c, 0, m.init_std) for h, c in zip(m.hidden, self.levels)]
-        self.models = [RepeatedMLP(n, tuple(h), c, 0, m.init_std)
-                       for n, h, c in zip(self.n_nodes, m.hidden, self.levels)]
+        self.models = router_models(config)
         kind = config.kmeans.kind
         self.spherical = kind == "spherical" or (kind == "auto" and data.metric == "angular")
         n_data = mesh_lib.data_size(mesh)
@@ -292,36 +292,16 @@ class LMI:
     # --- routing and bucket layout -----------------------------------------------------------------
     def leaf_logp(self, params, x: jax.Array) -> jax.Array:
         """Path log-probability of every leaf [b, L] for queries x [b, d] (pure; jitted by the callers)."""
-        return leaf_log_probs([model.apply({"params": params[f"level{lvl}"]}, x)[1]
-                               for lvl, model in enumerate(self.models)])
-
-    def chunks(self, x: np.ndarray):
-        """Yield (chunk, n): x in blocks of `search.query_batch` rows, the last zero-padded to the
-        same shape, so each jitted function compiles once; n is the number of real rows."""
-        bs = self.config.search.query_batch
-        for s in range(0, len(x), bs):
-            chunk = np.ascontiguousarray(x[s:s + bs], np.float32)
-            n = len(chunk)
-            if n < bs:
-                chunk = np.concatenate([chunk, np.zeros((bs - n,) + chunk.shape[1:], np.float32)])
-            yield chunk, n
+        return leaf_log_probs_of(self.models, params, x)
 
     def assign_leaves(self, params, tree_labels: np.ndarray) -> np.ndarray:
-        """Leaf of largest path probability for every base vector; with `index.repair_empty`, a leaf
-        nobody is routed to takes back the points k-means put in it."""
-        leaf = np.concatenate([np.asarray(_best_leaf(self.leaf_logp, params, c))[:n]
-                               for c, n in self.chunks(self.x)]).astype(np.int32)
-        if self.config.index.repair_empty:
-            leaf, moved = repair_empty(leaf, tree_labels[-1], self.n_leaves)
-            if moved:
-                log.info("repaired empty leaves by moving %d points back to their k-means leaf", moved)
-        return leaf
+        """Leaf of largest path probability for every base vector (see `place_vectors`)."""
+        return place_vectors(self.leaf_logp, params, self.x, self.config.search.query_batch,
+                             tree_labels[-1] if self.config.index.repair_empty else None, self.n_leaves)
 
     def index(self, params, aux) -> "LMIIndex":
-        leaf = np.asarray(aux["leaf"])
-        if (leaf < 0).any():  # not trained to the end (or epochs = 0): place the points now
-            leaf = self.assign_leaves(params, np.asarray(aux["labels"]))
-        return LMIIndex.build(self, params, leaf)
+        return LMIIndex.from_training(self.config, params, aux, self.data.base,
+                                      {"metric": self.data.metric, "data_fingerprint": self.data.fingerprint()})
 
     def _set_tree(self, labels: np.ndarray) -> None:
         self._tree = labels
@@ -334,46 +314,141 @@ class LMI:
             self._sizes.append(sizes)
 
 
-@dataclasses.dataclass
-class LMIIndex:
-    """Trained LMI networks with the base vectors laid out contiguously per leaf."""
+def router_models(config) -> list[RepeatedMLP]:
+    """The stacked node MLPs of every level of the tree (the index's router)."""
+    m = config.model
+    levels = tuple(int(c) for c in m.levels)
+    return [RepeatedMLP(math.prod(levels[:lvl]), tuple(h), c, 0, m.init_std)
+            for lvl, (h, c) in enumerate(zip(m.hidden, levels))]
 
-    method: LMI
-    params: dict
-    partition: Partition  # R = 1: offsets [1, L+1], members [1, N] = original id of each layout row
-    vectors: np.ndarray  # [N, d] float32, base rows in layout order
-    stats: dict
+
+def leaf_log_probs_of(models, params, x: jax.Array) -> jax.Array:
+    """Path log-probability of every leaf [b, L] for x [b, d] from the levels' node MLPs."""
+    return leaf_log_probs([model.apply({"params": params[f"level{lvl}"]}, x)[1] for lvl, model in enumerate(models)])
+
+
+def place_vectors(logp_fn, params, x: np.ndarray, block: int, kmeans_leaf=None, n_leaves: int = 0) -> np.ndarray:
+    """Leaf of largest path probability for every vector of x; with `kmeans_leaf`, a leaf nobody is
+    routed to takes back the points k-means put in it (`repair_empty`)."""
+    leaf = np.concatenate([np.asarray(_best_leaf(logp_fn, params, c))[:n] for c, n in query_blocks(x, block)]
+                          ).astype(np.int32) if len(x) else np.zeros(0, np.int32)
+    if kmeans_leaf is not None:
+        leaf, moved = repair_empty(leaf, np.asarray(kmeans_leaf), n_leaves)
+        if moved:
+            log.info("repaired empty leaves by moving %d points back to their k-means leaf", moved)
+    return leaf
+
+
+class LMIIndex(Index):
+    """LMI networks with the vectors laid out contiguously per leaf.
+
+    arrays: `offsets` [1, L+1] int32 (leaf b's rows are offsets[b]:offsets[b+1]), `ids` [N] int64 (the
+    item id of each row), `vectors` [N, d] float32 (rows in leaf order; L2-normalised for angular data).
+    """
+
+    method, task = "lmi", "ann"
+    setting_keys = ("n_probe", "max_candidates")
+
+    def __init__(self, config, params, arrays, info):
+        super().__init__(config, params, arrays, info)
+        self.models = router_models(self.config)
+        self.n_leaves = math.prod(int(c) for c in self.config.model.levels)
+        self._logp = partial(leaf_log_probs_of, tuple(self.models))
+        self.params = jax.device_put(self.params)
 
     @classmethod
-    def build(cls, method: LMI, params, leaf: np.ndarray) -> "LMIIndex":
-        partition = Partition.from_assignment(leaf[None], method.n_leaves)
-        vectors = np.ascontiguousarray(method.data.base[partition.members[0]], np.float32)
-        stats = _size_stats(partition.sizes()[0])
-        log.info("LMI bucket sizes over %d leaves: %s", method.n_leaves, stats)
-        return cls(method, jax.device_put(params), partition, vectors, stats)
+    def from_training(cls, config, params, aux, vectors: np.ndarray, info: dict) -> "LMIIndex":
+        """The index of a training run's params and aux (`leaf`, or the tree's `labels` when the run
+        stopped before the leaves were placed) over its base vectors."""
+        n_leaves = math.prod(int(c) for c in config.model.levels)
+        leaf = np.asarray(aux["leaf"])
+        if (leaf < 0).any():  # not trained to the end (or epochs = 0): place the points now
+            logp = partial(leaf_log_probs_of, tuple(router_models(config)))
+            leaf = place_vectors(logp, jax.device_put(params), vectors, config.search.query_batch,
+                                 np.asarray(aux["labels"])[-1] if config.index.repair_empty else None, n_leaves)
+        part = Partition.from_assignment(leaf[None], n_leaves)
+        arrays = {"offsets": part.offsets, "ids": part.members[0].astype(np.int64),
+                  "vectors": np.ascontiguousarray(vectors[part.members[0]], np.float32)}
+        n = len(vectors)
+        index = cls(config, params, arrays, dict(info, dim=vectors.shape[1], n_items=n, next_id=n))
+        log.info("LMI bucket sizes over %d leaves: %s", n_leaves, index.leaf_stats())
+        return index
 
-    def route(self, queries, n_probe: int):
-        """Yield, per block of queries, (queries [n, d], leaves [n, n_probe]): the n_probe non-empty
-        leaves of largest path probability, best first, -1 where fewer leaves are non-empty."""
-        nonempty = jnp.asarray(self.partition.sizes()[0] > 0)
-        for chunk, n in self.method.chunks(queries):
-            logp, ids = _top_leaves(self.method.leaf_logp, self.params, nonempty, n_probe, chunk)
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.arrays["offsets"][0])
+
+    def leaf_stats(self) -> dict:
+        return _size_stats(self.sizes())
+
+    def _check_setting(self, setting: dict) -> None:
+        n_probe = setting.get("n_probe")
+        if not is_int(n_probe) or not 1 <= n_probe <= self.n_leaves:
+            raise ValueError(f"search: n_probe={n_probe!r} must be an integer in [1, {self.n_leaves}] (the leaves)")
+        budget = setting.get("max_candidates", 0)
+        if not is_int(budget) or budget < 0:
+            raise ValueError(f"search: max_candidates={budget!r} must be an integer >= 0 (0 = no budget)")
+
+    def _prepare(self, queries, what: str = "queries") -> np.ndarray:
+        x = dense_rows(queries, self.dim, what)
+        return normalize_rows(x, what) if self.metric == "angular" else x
+
+    def route(self, queries, n_probe: int) -> np.ndarray:
+        """The n_probe non-empty leaves of largest path probability per query, best first, [Q, n_probe]
+        (-1 where fewer leaves are non-empty)."""
+        return np.concatenate([leaves for _, leaves in self._route_blocks(self._prepare(queries), n_probe)])
+
+    def _route_blocks(self, queries: np.ndarray, n_probe: int):
+        nonempty = jnp.asarray(self.sizes() > 0)
+        for chunk, n in query_blocks(queries, self.config.search.query_batch):
+            logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, chunk)
             yield chunk[:n], np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32)
 
-    def search(self, queries, setting: dict, k: int) -> SearchResult:
+    def _query(self, queries, setting: dict, k: int) -> SearchResult:
         """Visit each query's leaves best first (`n_probe`, optional `max_candidates` budget), re-rank
         their vectors exactly; query blocks keep the candidate lists small enough to stay in cache."""
-        check_queries(queries, self.method.data.dim)
-        sizes, offsets = self.partition.sizes()[0], self.partition.offsets[0]
-        cfg, metric = self.method.config.search, self.method.data.kernel_metric
+        sizes, offsets = self.sizes(), self.arrays["offsets"][0]
+        metric, ids_of = kernel_metric(self.metric), self.arrays["ids"]
         ids, dist, n_cand = [], [], []
-        for q, leaves in self.route(queries, setting["n_probe"]):
+        for q, leaves in self._route_blocks(queries, setting["n_probe"]):
             cand = candidate_ranges(offsets, leaves, select_leaves(sizes, leaves, setting.get("max_candidates", 0)))
-            rows, d, n = kernels.rerank_topk(q, self.vectors, cand, k, metric, cfg.n_threads)
-            ids.append(np.where(rows >= 0, self.partition.members[0][np.maximum(rows, 0)], -1).astype(np.int32))
+            rows, d, n = kernels.rerank_topk(q, self.arrays["vectors"], cand, k, metric,
+                                             self.config.search.n_threads)
+            ids.append(np.where(rows >= 0, ids_of[np.maximum(rows, 0)], -1))
             dist.append(d)
             n_cand.append(n)
-        return SearchResult(ids=np.concatenate(ids), n_candidates=np.concatenate(n_cand), dist=np.concatenate(dist))
+        return SearchResult(ids=np.concatenate(ids), scores=np.concatenate(dist), n_candidates=np.concatenate(n_cand))
+
+    # --- add / remove ---------------------------------------------------------------------------
+    def add(self, vectors) -> np.ndarray:
+        """Place new vectors in the leaves the trained networks give them (no retraining); returns their
+        ids, which continue after the largest id the index has held."""
+        x = self._prepare(vectors, "vectors")
+        leaf = place_vectors(self._logp, self.params, x, self.config.search.query_batch)
+        new_ids = np.arange(self.info["next_id"], self.info["next_id"] + len(x), dtype=np.int64)
+        offsets = self.arrays["offsets"][0]
+        order = np.argsort(leaf, kind="stable")
+        at = offsets[leaf[order] + 1]  # each goes after its leaf's last row, in id order
+        self.arrays["vectors"] = np.ascontiguousarray(np.insert(self.arrays["vectors"], at, x[order], axis=0))
+        self.arrays["ids"] = np.insert(self.arrays["ids"], at, new_ids[order])
+        self.arrays["offsets"] = _offsets_of(self.sizes() + np.bincount(leaf, minlength=self.n_leaves))
+        self.info.update(n_items=len(self.arrays["ids"]), next_id=int(new_ids[-1]) + 1 if len(x) else
+                         self.info["next_id"])
+        return new_ids
+
+    def remove(self, ids) -> None:
+        """Remove items by id: they are never returned again (their rows are dropped from the layout)."""
+        drop = rows_of_ids(self.arrays["ids"], ids)
+        keep = np.ones(len(self.arrays["ids"]), bool)
+        keep[drop] = False
+        row_leaf = np.repeat(np.arange(self.n_leaves), self.sizes())
+        self.arrays["vectors"] = np.ascontiguousarray(self.arrays["vectors"][keep])
+        self.arrays["ids"] = self.arrays["ids"][keep]
+        self.arrays["offsets"] = _offsets_of(np.bincount(row_leaf[keep], minlength=self.n_leaves))
+        self.info["n_items"] = len(self.arrays["ids"])
+
+
+def _offsets_of(sizes: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)[None]
 
 
 @partial(jax.jit, static_argnums=(0,))

@@ -73,6 +73,31 @@ class Checkpointer:
                 self._skip(s, step, e)
         raise CheckpointError(f"no restorable checkpoint in {self.workdir}/checkpoints")
 
+    def restore_params(self, step: Optional[int] = None) -> tuple[int, Any, dict, dict]:
+        """(step, params, aux, meta) as host arrays, for serving: an orbax partial restore of the
+        parameters and the aux arrays alone, shapes read from the checkpoint's own metadata (no
+        optimizer moments are read, no model is initialised). Falls back past corrupted steps like `restore`."""
+        import numpy as np
+        for s in self._candidates(step):
+            try:
+                path = os.path.join(str(self._mngr.directory), str(s), "state")
+                ckptr = ocp.PyTreeCheckpointer()
+                tree = ckptr.metadata(path)
+                tree = getattr(tree, "item_metadata", tree)
+                tree = getattr(tree, "tree", tree)
+                target = {"state": {"params": tree["state"]["params"]}, "aux": tree["aux"]}
+                target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
+                args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+                out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args,
+                                                                      partial_restore=True))
+                _, meta = self.read_meta(s)
+                return s, out["state"]["params"], dict(out["aux"]), meta
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                if isinstance(e, CheckpointError):
+                    raise
+                self._skip(s, step, e)
+        raise CheckpointError(f"no restorable checkpoint in {self.workdir}/checkpoints")
+
     def _candidates(self, step: Optional[int]) -> list[int]:
         steps = self.steps()
         if step is not None:

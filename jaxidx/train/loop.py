@@ -33,6 +33,7 @@ class Trainable(Protocol):
     """What a method provides to `fit`. Model maths stays in pure functions."""
 
     name: str
+    task: str  # 'ann' or 'xmc' (recorded in checkpoints, so a run's index loads without its data)
     steps_per_epoch: int
     batch_size: int
 
@@ -68,6 +69,7 @@ class FitResult:
     epoch: int
     train_seconds: float
     interrupted: bool = False
+    stop_signal: Optional[int] = None  # the signal that stopped the run (SIGTERM / SIGINT), if one did
 
 
 class _StopFlag:
@@ -106,6 +108,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     spe = task.steps_per_epoch
     total = (tc.epochs if epochs is None else epochs) * spe
     tx = task.optimizer(total)
+    check_run_dir(workdir, task, data_fingerprint)  # a mismatched checkpoint is named before any work or write
     params, aux = task.init(jax.random.key(config.seed))
     state = state_lib.create(params, tx)
     shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
@@ -116,13 +119,12 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     train_seconds = seconds_before
     if ckpt.steps():
         step, restored, meta = ckpt.restore(ckpt_lib.abstract({"state": state, "aux": aux}))
-        _check_meta(meta, task, data_fingerprint, workdir)
         state, aux = restored["state"], {k: np.asarray(v) for k, v in restored["aux"].items()}
         train_seconds = float(meta.get("train_seconds", 0.0))
         log.info("resumed %s from step %d (epoch %.2f)", workdir, step, step / spe)
 
     def save(step: int):
-        meta = {"method": task.name, "step": step, "epoch": step / spe, "train_seconds": train_seconds,
+        meta = {"method": task.name, "task": getattr(task, "task", None), "step": step, "epoch": step / spe, "train_seconds": train_seconds,
                 "data_fingerprint": data_fingerprint, "shapes": task.shapes(), "config": config.to_dict()}
         ckpt.save(step, {"state": state, "aux": aux}, _jsonable(meta))
 
@@ -181,7 +183,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     writer.close()
     ckpt.close()
     return FitResult(params=state.params, aux=aux, step=step, epoch=step // spe,
-                     train_seconds=train_seconds, interrupted=interrupted)
+                     train_seconds=train_seconds, interrupted=interrupted, stop_signal=stop.raised)
 
 
 def fit_stages(method, config, workdir: str, mesh: Mesh, *, data_fingerprint: str,
@@ -210,10 +212,27 @@ def stage_dir(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage)
 
 
+def check_run_dir(workdir: str, task: Trainable, fingerprint: str) -> None:
+    """Refuse, before anything is read into memory or written, a `workdir` whose newest readable
+    checkpoint is of another method, other data or other shapes (one message naming the field, the
+    checkpoint's value and the new one). A directory without checkpoints passes."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+    try:
+        if not ckpt.steps():
+            return
+        _, meta = ckpt.read_meta()
+    finally:
+        ckpt.close()
+    _check_meta(meta, task, fingerprint, workdir)
+
+
 def _check_meta(meta: dict, task: Trainable, fingerprint: str, workdir: str) -> None:
     if meta.get("method") != task.name:
         raise ckpt_lib.CheckpointError(
-            f"{workdir}: checkpoint was written by method {meta.get('method')!r}, not {task.name!r}")
+            f"{workdir}: holds a {meta.get('method')} run (method {meta.get('method')!r}), not {task.name!r}; "
+            "use a new --workdir")
     if meta.get("data_fingerprint") != fingerprint:
         raise ckpt_lib.CheckpointError(
             f"{workdir}: checkpoint was trained on other data (fingerprint {meta.get('data_fingerprint')} "
