@@ -11,7 +11,16 @@ scorer. Search is always route -> top-m buckets -> gather -> score -> top-k.
 """
 __version__ = "0.2.0"
 
-from jaxidx.api import fit, load  # noqa: E402
-from jaxidx.index import Index  # noqa: E402
-
 __all__ = ["fit", "load", "Index", "__version__"]
+
+
+def __getattr__(name):
+    """`fit`, `load` and `Index` are imported on first use, so `import jaxidx.bench` (which pins threads
+    before JAX and BLAS start) stays light."""
+    if name in ("fit", "load"):
+        from jaxidx import api
+        return getattr(api, name)
+    if name == "Index":
+        from jaxidx.index import Index
+        return Index
+    raise AttributeError(f"module 'jaxidx' has no attribute {name!r}")

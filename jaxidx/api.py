@@ -156,7 +156,8 @@ def index_from_checkpoint(workdir: str, meta: dict, params, aux: dict, vectors: 
     config.lock()
     method, shapes = meta["method"], meta.get("shapes", {})
     cls = index_class(method)
-    info = {"data_fingerprint": meta.get("data_fingerprint"), "step": meta.get("step")}
+    info = {"data_fingerprint": meta.get("data_fingerprint"), "step": meta.get("step"),
+            "train_seconds": float(meta.get("train_seconds", 0.0))}
     task = meta.get("task") or ("ann" if method == "lmi" else "xmc" if method == "elias" else None)
     if task is None:  # an IRLI run from before the task was recorded
         task = "ann" if read_items(workdir, meta) is not None else load_data(config.data).task

@@ -126,24 +126,25 @@ def bench_hnsw(data, efs, threads: int, build_threads: int):
     return rows, {"hnswlib": build}, int(index.index_file_size())
 
 
-def latency_ms(workdir: str, setting: dict, n: int, k: int = 10) -> dict:
-    """Median and 99th-percentile milliseconds of single-query searches of a trained index (batch of 1,
-    compiled for it) over its first `n` test queries."""
+def latency_ms(index, data, setting: dict, n: int, k: int = 10) -> dict:
+    """Median and 99th-percentile milliseconds of single-query searches of an index (batch of 1,
+    compiled for it) over the first `n` test queries of `data`."""
     import numpy as np
     from jaxidx.evaluate import test_queries
-    from jaxidx.runner import restore
-    _, task, data, params, aux, _, _ = restore(workdir, overrides={"search.query_batch": 1})
-    index = task.index(params, aux)
+    from jaxidx.index import n_rows
+    from jaxidx.train.batches import take
     queries = test_queries(data)
-    n_rows = len(queries["idx"]) if isinstance(queries, dict) else len(queries)
-    one = [{key: v[i:i + 1] for key, v in queries.items()} if isinstance(queries, dict) else queries[i:i + 1]
-           for i in range(min(n, n_rows))]
-    index.search(one[0], setting, k)  # compile
-    times = []
-    for q in one:
-        t0 = time.perf_counter()
-        index.search(q, setting, k)
-        times.append(time.perf_counter() - t0)
+    one = [take(queries, np.arange(i, i + 1)) for i in range(min(n, n_rows(queries)))]
+    block, index.config.search.query_batch = index.config.search.query_batch, 1
+    try:
+        index.query(one[0], setting, k)  # compile
+        times = []
+        for q in one:
+            t0 = time.perf_counter()
+            index.query(q, setting, k)
+            times.append(time.perf_counter() - t0)
+    finally:
+        index.config.search.query_batch = block
     return {"latency_ms_p50": 1e3 * float(np.median(times)), "latency_ms_p99": 1e3 * float(np.quantile(times, 0.99))}
 
 

@@ -1,12 +1,55 @@
-"""Flag handling shared by the `launch/` entry points."""
+"""Flag handling shared by the `launch/` entry points, and how they end.
+
+Exit status (documented in the README): 0 done; 2 an expected error (bad flag or config field, missing
+or damaged data, a checkpoint of another run, bad search settings), printed as one line
+`error: <message>` (the traceback with --verbose); 128 + the signal number (130 SIGINT, 143 SIGTERM)
+for a run stopped by a signal after its checkpoint was saved, so a scheduler can tell it from a
+finished one and requeue it.
+"""
 from __future__ import annotations
 
 import ast
+import re
 import logging as pylogging
 import os
+import sys
+from typing import Callable, Optional
 
 import jax
 from absl import flags, logging
+
+EXIT_ERROR = 2
+EXPECTED_ERRORS = (ValueError, KeyError, AttributeError, TypeError, OSError, flags.Error)
+
+
+def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None) -> None:
+    """Parse flags, run `main(argv)` and exit with its status (None = 0); an expected error becomes
+    `error: <message>` on one line and exit status 2, unless --verbose asks for the traceback."""
+    argv = list(sys.argv if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        rest = flags.FLAGS(argv)
+        status = main(rest)
+    except EXPECTED_ERRORS as e:
+        if verbose:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    sys.exit(status or 0)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line: the innermost cause (flag parsing wraps the config's own
+    error), quotes that KeyError / AttributeError add stripped, newlines joined with '; '."""
+    while isinstance(e, flags.Error) and e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e.args[0]) if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
+    if isinstance(e, (KeyError, AttributeError)):
+        m = re.match(r"""^['"]*([A-Za-z_][A-Za-z0-9_.]*)['"]*\s*(.*)$""", text, re.S)
+        if m:  # ml_collections: 'field' + "Did you mean ..."
+            text = f"unknown config field {m.group(1)!r}" + (f" ({m.group(2).strip()})" if m.group(2).strip() else "")
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(e).__name__
 
 
 def define_distributed_flags() -> None:

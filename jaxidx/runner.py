@@ -1,6 +1,8 @@
 """Train-then-evaluate and evaluate-from-checkpoint, the two jobs every entry point runs."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from typing import Optional
@@ -10,6 +12,7 @@ import ml_collections
 
 from jaxidx import config as config_lib
 from jaxidx.data import load
+from jaxidx.data.specs import absolute_spec
 from jaxidx.evaluate import evaluate, write_eval
 from jaxidx.methods import get_method
 from jaxidx.train import checkpoint as ckpt_lib
@@ -66,7 +69,9 @@ def _check_same_run(method, config, workdir, data) -> None:
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
-    """Train (resuming if `workdir` has a checkpoint), then evaluate and write `workdir/eval.json`."""
+    """Train (resuming if `workdir` has a checkpoint), then evaluate and write `workdir/eval.json`.
+    A relative data path in `config.data` is made absolute first, so the run evaluates from anywhere."""
+    config.data = absolute_spec(config.data)
     method, data, mesh = build(config)
     task, result = train_run(method, config, workdir, mesh, data, progress)
     out = {"method": method.name, "data": config.data, "step": result.step,
@@ -82,11 +87,21 @@ def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
     return out
 
 
+def eval_filename(step: int, overrides: Optional[dict]) -> str:
+    """eval-step<N>.json, or eval-step<N>-<digest of the overrides>.json: a name per step and settings."""
+    if not overrides:
+        return f"eval-step{step}.json"
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"eval-step{step}-{digest}.json"
+
+
 def evaluate_checkpoint(workdir: str, step: Optional[int] = None, overrides: Optional[dict] = None,
-                        filename: str = "eval.json", overwrite: bool = True) -> dict:
-    """Evaluate a run's checkpoint (`jaxidx.load`: parameters and aux only) on its data's test queries,
+                        filename: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Evaluate a run's checkpoint (parameters and aux only, as `jaxidx.load`) on its data's test queries,
     or on other data (`overrides={"data": SPEC}`) whose shapes fit; the config's fields can be overridden
-    for the evaluation (search settings, query batch, threads)."""
+    for the evaluation (search settings, query batch, threads). Results go to `workdir/filename`, by default
+    `eval-step<N>.json` (with a digest of the overrides when there are any); an existing file is refused
+    unless `overwrite`, so no result is replaced silently."""
     from jaxidx.api import index_from_checkpoint, run_checkpoint_dir
     ckpt_dir = run_checkpoint_dir(workdir) if os.path.isdir(workdir) else None
     if ckpt_dir is None:
@@ -103,8 +118,10 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None, overrides: Opt
             if getattr(method, "stages", ()):
                 method = method.stage(os.path.basename(os.path.normpath(ckpt_dir)))
             ckpt_lib.check_compatible(meta, method.shapes(), workdir)
-        if filename == "eval.json" and not overwrite and os.path.exists(os.path.join(workdir, filename)):
-            raise ValueError(f"{os.path.join(workdir, filename)}: exists; pass --overwrite or another --out")
+        filename = filename or eval_filename(step, overrides)
+        if not overwrite and os.path.exists(os.path.join(workdir, filename)) and jax.process_index() == 0:
+            raise ValueError(f"{os.path.join(workdir, filename)}: exists (an earlier evaluation); pass --overwrite "
+                             "or another --out")
         step, params, aux, meta = ckpt.restore_params(step)
     finally:
         ckpt.close()

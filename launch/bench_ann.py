@@ -15,11 +15,13 @@ if __name__ == "__main__":  # pin before jax / faiss start their thread pools
 
 import json  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from jaxidx import bench  # noqa: E402
+from jaxidx import bench, cli  # noqa: E402
 from jaxidx.evaluate import evaluate, format_results  # noqa: E402
-from jaxidx.runner import restore  # noqa: E402
+import jaxidx  # noqa: E402
+from jaxidx.config import apply_overrides  # noqa: E402
+from jaxidx.data import load  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", None, "Run directories of trained indexes (one or more).")
 flags.DEFINE_string("data", None, "Data spec override (default: each checkpoint's own).")
@@ -40,22 +42,22 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     rows, builds, data, nlist = [], {}, None, None
     for i, wd in enumerate(FLAGS.workdir):
+        index = jaxidx.load(wd)
         overrides = {"search.n_threads": FLAGS.threads}
-        if FLAGS.data:
-            overrides["data"] = FLAGS.data
         if i < len(FLAGS.settings):
             overrides["search.settings"] = json.loads(FLAGS.settings[i])
-        config, method, data_i, params, aux, step, meta = restore(wd, overrides=overrides)
-        if data is not None and data_i.fingerprint() != data.fingerprint():
-            raise ValueError(f"--workdir {wd}: trained on other data than {FLAGS.workdir[0]}")
+        apply_overrides(index.config, overrides)
+        data_i = load(FLAGS.data or index.config.data)
+        if data_i.fingerprint() != index.info["data_fingerprint"]:
+            raise ValueError(f"--workdir {wd}: trained on other data than {FLAGS.data or index.config.data}")
         data = data_i
-        index = method.index(params, aux)
-        nlist = nlist or index.partition.n_buckets
-        builds[f"{method.name} ({wd})"] = float(meta.get("train_seconds", 0.0))
-        for r in evaluate(index, data, config.search.settings, 10):
+        n_buckets = index.stats()["n_buckets"]
+        nlist = nlist or n_buckets
+        builds[f"{index.method} ({wd})"] = float(index.info.get("train_seconds", 0.0))
+        for r in evaluate(index, data, index.config.search.settings, 10):
             setting = {k: v for k, v in r.items() if k not in
                        ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
-            rows.append({"method": f"{method.name} (B {index.partition.n_buckets})", "setting": setting,
+            rows.append({"method": f"{index.method} (B {n_buckets})", "setting": setting,
                          **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
                                               "queries_per_second")}})
     frows, fb, _ = bench.bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe], FLAGS.threads)
@@ -80,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,7 +21,6 @@ from jaxidx.bench import pin_threads_from_argv
 if __name__ == "__main__":  # search workers get --threads=1 and pin before jax starts; the driver does not
     pin_threads_from_argv(default=0)
 
-import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -33,9 +32,9 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from jaxidx import bench  # noqa: E402
+from jaxidx import bench, cli  # noqa: E402
 from jaxidx.evaluate import format_results  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,36 +192,27 @@ def train_job(job: dict) -> dict:
     return out
 
 
-def index_arrays(index, data) -> dict:
-    """{name: (elements, bytes)} of what a search reads: the index's arrays and parameters, plus the base
-    vectors where an ANN index re-ranks against `data.base` instead of holding its own copy."""
-    from jaxidx.partition import Partition
-    out = {}
-    for f in dataclasses.fields(index):
-        v = getattr(index, f.name)
-        if isinstance(v, Partition):
-            out.update(_arrays({k: getattr(v, k) for k in ("offsets", "members", "weights")
-                                if getattr(v, k) is not None}, f.name))
-        elif isinstance(v, (np.ndarray, dict)):
-            out.update(_arrays(v, f.name))
-    if data.task == "ann" and not any(f.name == "vectors" for f in dataclasses.fields(index)):
-        out["data.base"] = (int(data.base.size), int(data.base.nbytes))
-    return out
+def index_arrays(index) -> dict:
+    """{name: (elements, bytes)} of what a search reads: the index's parameters and arrays (its partition
+    and, for ANN, its own copy of the vectors and their ids)."""
+    return {**_arrays(index.params, "index.params"), **_arrays(index.arrays, "index")}
 
 
 def search_job(job: dict) -> dict:
-    """Restore a trained run (in a process pinned to one core), search its test queries with each
-    setting; XMC also single-query latency."""
+    """Open a trained run as an index (`jaxidx.load`, in a process pinned to one core), search its test
+    queries with each setting; XMC also single-query latency."""
+    import jaxidx
+    from jaxidx.data import load
     from jaxidx.evaluate import evaluate
-    from jaxidx.runner import restore
-    config, task, data, params, aux, _, _ = restore(job["workdir"], overrides={"search.n_threads": 1})
     t0 = time.perf_counter()
-    index = task.index(params, aux)
-    out = {"index_s": time.perf_counter() - t0, "arrays": index_arrays(index, data),
-           "results": evaluate(index, data, config.search.settings, config.search.k)}
+    index = jaxidx.load(job["workdir"])
+    index.config.search.n_threads = 1
+    out = {"index_s": time.perf_counter() - t0, "arrays": index_arrays(index)}
+    data = load(index.config.data)
+    out["results"] = evaluate(index, data, index.config.search.settings, index.config.search.k)
     out["search_rss_mb"] = _max_rss_mb()
     if data.task == "xmc":
-        out.update(bench.latency_ms(job["workdir"], dict(config.search.settings[0]), job["latency_queries"]))
+        out.update(bench.latency_ms(index, data, dict(index.config.search.settings[0]), job["latency_queries"]))
     return out
 
 
@@ -529,4 +519,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

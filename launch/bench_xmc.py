@@ -26,12 +26,13 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from jaxidx import bench  # noqa: E402
+from jaxidx import bench, cli  # noqa: E402
 from jaxidx.data import cache_dir, load  # noqa: E402
 from jaxidx.evaluate import format_results  # noqa: E402
 from jaxidx.metrics import xmc_report  # noqa: E402
+import jaxidx  # noqa: E402
 from jaxidx.runner import evaluate_checkpoint  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", [], "Run directories of trained XMC indexes.")
@@ -102,7 +103,8 @@ def main(argv):
         setting = {k: v for k, v in best.items() if k not in _KEYS + ("candidates_per_query", "queries_per_second")}
         rows.append({"data": out["data"], "method": out["method"], "setting": json.dumps(setting),
                      **{k: best[k] for k in _KEYS}, "train_seconds": out["train_seconds"],
-                     "queries_per_second": best["queries_per_second"], **bench.latency_ms(wd, setting, FLAGS.latency_queries)})
+                     "queries_per_second": best["queries_per_second"],
+                     **bench.latency_ms(jaxidx.load(wd), load(out["data"]), setting, FLAGS.latency_queries)})
         if out["data"] not in specs:
             specs.append(out["data"])
     peers = {"pecos": run_pecos, "ovr": run_ovr}
@@ -131,4 +133,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

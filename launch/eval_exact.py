@@ -15,8 +15,9 @@ import platform
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
+from jaxidx import cli
 from jaxidx.data import ANNData, exact_knn, knn_chunk_sizes, load
 from jaxidx.metrics import knn_recall, knn_recall_distance
 
@@ -77,4 +78,4 @@ def _cpu_count() -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

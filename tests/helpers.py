@@ -8,17 +8,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path_and_preset: str, **overrides):
-    """`configs/x.py:preset` -> locked ConfigDict with dotted overrides applied."""
-    import importlib.util
-    path, preset = path_and_preset.split(":")
-    spec = importlib.util.spec_from_file_location(f"cfg_{os.path.basename(path)[:-3]}", os.path.join(REPO, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config(preset)
-    from jaxidx.runner import _set
-    for key, value in overrides.items():
-        _set(config, key, value)
-    return config
+    """`configs/x.py:preset` -> locked ConfigDict with dotted overrides applied (jaxidx's one config loader)."""
+    from jaxidx.config import get_config
+    path, preset = path_and_preset.split(":", 1)
+    return get_config(f"{os.path.basename(path)[:-3]}:{preset}", overrides=overrides)
 
 
 def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> dict:
@@ -54,3 +47,17 @@ def assert_same_params(a, b):
     import numpy as np
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def restore_run(workdir: str):
+    """(config, trainable, data, params, aux, step) of a run's newest checkpoint, for tests that inspect
+    training state (a user opens the index with `jaxidx.load`)."""
+    import ml_collections
+    from jaxidx.runner import build
+    from jaxidx.train.checkpoint import Checkpointer
+    ckpt = Checkpointer(workdir, read_only=True)
+    step, params, aux, meta = ckpt.restore_params()
+    ckpt.close()
+    config = ml_collections.ConfigDict(meta["config"])
+    method, data, _ = build(config)
+    return config, method, data, params, aux, step

@@ -18,6 +18,7 @@ from helpers import load_config, run_python
 from jaxidx.data import synthetic_xmc
 from jaxidx import evaluate as evaluate_lib
 from jaxidx.methods.elias import log_edge_weights
+from jaxidx.methods.elias.maths import cluster_logits, route_clusters
 from jaxidx.runner import build, evaluate_checkpoint
 from jaxidx.train.checkpoint import Checkpointer
 from jaxidx.train.loop import fit_stages
@@ -121,8 +122,8 @@ def test_dense_and_sparse_layouts_give_the_same_loss_and_gradients(data):
 def _brute_force(task, params, aux, queries, k):
     """Every label scored by best path over all clusters times its classifier, in numpy."""
     x = task.method.features(queries)
-    phi, _, _ = task.route(params, x, beam=1)
-    logits = np.asarray(task.cluster_logits(params, phi), np.float64)
+    phi, _, _ = route_clusters(task.method.encoder, task.config.model.alpha, params, x, beam=1)
+    logits = np.asarray(cluster_logits(params, phi), np.float64)
     e = np.exp(logits - logits.max(1, keepdims=True))
     s = np.minimum(1.0, task.config.model.alpha * e / e.sum(1, keepdims=True))  # [Q, C]
     members = aux["members"]
@@ -170,11 +171,11 @@ def test_transformer_encoder_over_tokens_trains_and_searches(tmp_path, data):
     queries = evaluate_lib.test_queries(text_data)
     queries["tokens"][0, 0] = text_data.vocab_size
     with pytest.raises(ValueError, match=f"token id {text_data.vocab_size} outside the vocabulary"):
-        index.search(queries, {"beam": 4, "shortlist": 40}, 10)
+        index.query(queries, {"beam": 4, "shortlist": 40}, 10)
     with pytest.raises(ValueError, match=r"tokens must be \[Q, 16\]"):
-        index.search(dict(queries, tokens=queries["tokens"][:, :8]), {"beam": 4, "shortlist": 40}, 10)
+        index.query(dict(queries, tokens=queries["tokens"][:, :8]), {"beam": 4, "shortlist": 40}, 10)
     with pytest.raises(ValueError, match="queries: a text encoder needs 'tokens'"):
-        index.search(evaluate_lib.test_queries(data), {"beam": 4, "shortlist": 40}, 10)
+        index.query(evaluate_lib.test_queries(data), {"beam": 4, "shortlist": 40}, 10)
     with pytest.raises(ValueError, match="model.input: 'text' needs a data set with raw text"):
         build(config, data=data)
 
@@ -186,8 +187,8 @@ def _check_search(task, result, data):
     queries = evaluate_lib.test_queries(data)
     C, L, k = task.method.n_clusters, task.method.n_labels, 10
     full = {"beam": C, "shortlist": L}
-    host = index.search(queries, dict(full, backend="host"), k)
-    dev = index.search(queries, dict(full, backend="device"), k)
+    host = index.query(queries, dict(full, backend="host"), k)
+    dev = index.query(queries, dict(full, backend="device"), k)
     np.testing.assert_array_equal(host.ids, dev.ids)
     np.testing.assert_array_equal(host.n_candidates, dev.n_candidates)
     score, want = _brute_force(task, params, result.aux, queries, k)
@@ -199,8 +200,8 @@ def _check_search(task, result, data):
     assert (host.ids[~ok] == -1).all()
     # A narrower search also agrees across backends, and returns -1 beyond its shortlist.
     narrow = {"beam": 2, "shortlist": 5}
-    h = index.search(queries, narrow, k)
-    d = index.search(queries, dict(narrow, backend="device"), k)
+    h = index.query(queries, narrow, k)
+    d = index.query(queries, dict(narrow, backend="device"), k)
     np.testing.assert_array_equal(h.ids, d.ids)
     assert (h.ids[:, 5:] == -1).all()
 

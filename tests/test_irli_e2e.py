@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import assert_same_params, crash_and_resume, load_config, run_python
+from helpers import assert_same_params, crash_and_resume, load_config, restore_run, run_python
 from jaxidx.data import load
 from jaxidx.partition import Partition, bucket_stats
-from jaxidx.runner import build, evaluate_checkpoint, restore, train_and_evaluate
+from jaxidx.runner import build, evaluate_checkpoint, train_and_evaluate
 from jaxidx.train.loop import fit
 
 
@@ -48,7 +48,7 @@ def test_eval_from_checkpoint_reproduces_results(ann_run):
 
 def test_repartition_balances_and_follows_router(ann_run):
     wd, config, _ = ann_run
-    config, method, data, params, aux, step, meta = restore(wd)
+    config, method, data, params, aux, step = restore_run(wd)
     assign = aux["assign"]
     sizes = Partition.from_assignment(assign, config.model.n_buckets).sizes()
     stats = bucket_stats(sizes)
@@ -126,7 +126,7 @@ def test_checkpoint_refused_for_other_data(tmp_path):
         data_fingerprint=data.fingerprint(), progress=False)
     from jaxidx.train.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="in_dim"):
-        restore(str(tmp_path), overrides={"data": "synthetic-ann:n=3000,q=200,d=8,clusters=30,seed=0"})
+        evaluate_checkpoint(str(tmp_path), overrides={"data": "synthetic-ann:n=3000,q=200,d=8,clusters=30,seed=0"})
 
 
 _DEVICES_CODE = """

@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxidx
 from helpers import assert_same_params, crash_and_resume, load_config, run_python
+from jaxidx.data import load
 from jaxidx.methods.lmi import (LMIIndex, candidate_ranges, centroid_targets, leaf_log_probs, node_loss,
                                 repair_empty, select_leaves)
-from jaxidx.runner import build, evaluate_checkpoint, restore, train_and_evaluate
+from jaxidx.runner import build, evaluate_checkpoint, train_and_evaluate
 from jaxidx.train.loop import fit
 
 
@@ -75,8 +77,10 @@ def tree_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def restored(tree_run):
     """(method, data, params, aux, index) of the tiny tree, restored from its checkpoint once."""
-    config, method, data, params, aux, step, meta = restore(tree_run[0])
-    return method, data, params, aux, method.index(params, aux)
+    from jaxidx.train.checkpoint import Checkpointer
+    index = jaxidx.load(tree_run[0])  # parameters and aux only, no data
+    _, params, aux, _ = Checkpointer(tree_run[0], read_only=True).restore_params()
+    return index, load(index.config.data), params, aux, index
 
 
 def test_tree_end_to_end(tree_run):
@@ -104,12 +108,12 @@ def _softmax(z):
 def test_route_visits_leaves_in_descending_path_probability(restored):
     method, data, params, aux, index = restored
     q = data.queries[:50]
-    (_, leaves), = list(index.route(q, 16))
+    leaves = index.route(q, 16)
     # Path probabilities by hand: product of each node's softmax along the path.
     l0 = _softmax(np.asarray(method.models[0].apply({"params": params["level0"]}, q)[1]))[:, 0]  # [b, 4]
     l1 = _softmax(np.asarray(method.models[1].apply({"params": params["level1"]}, q)[1]))  # [b, 4 nodes, 4]
     path = (l0[:, :, None] * l1).reshape(len(q), 16)
-    path[:, index.partition.sizes()[0] == 0] = -1.0  # empty leaves are skipped
+    path[:, index.sizes() == 0] = -1.0  # empty leaves are skipped
     got = np.take_along_axis(path, np.maximum(leaves, 0), 1)
     assert (np.diff(np.where(leaves >= 0, got, -2.0), axis=1) <= 1e-6).all()
     np.testing.assert_array_equal(leaves[:, 0], np.argmax(path, 1))
@@ -117,11 +121,11 @@ def test_route_visits_leaves_in_descending_path_probability(restored):
 
 def test_layout_is_contiguous_and_results_are_original_ids(restored):
     method, data, params, aux, index = restored
-    np.testing.assert_array_equal(index.vectors, data.base[index.partition.members[0]])
-    np.testing.assert_array_equal(np.sort(index.partition.members[0]), np.arange(data.n_items))
-    assert index.stats["n_empty"] == 0 and index.stats["mean"] == data.n_items / 16
+    np.testing.assert_array_equal(index.arrays["vectors"], data.base[index.arrays["ids"]])
+    np.testing.assert_array_equal(np.sort(index.arrays["ids"]), np.arange(data.n_items))
+    assert index.leaf_stats()["n_empty"] == 0 and index.leaf_stats()["mean"] == data.n_items / 16
     # Probing every leaf is exact search.
-    res = index.search(data.queries, {"n_probe": 16}, 10)
+    res = index.query(data.queries, {"n_probe": 16}, 10)
     np.testing.assert_array_equal(res.ids[:, :5], data.gt_ids[:, :5])
     assert (res.n_candidates == data.n_items).all()
 
@@ -131,11 +135,11 @@ def test_empty_leaves_are_skipped(restored):
     leaf = aux["leaf"].copy()
     gone = np.bincount(leaf).argmax()
     leaf[leaf == gone] = (gone + 1) % 16  # empty the biggest leaf
-    index = LMIIndex.build(method, params, leaf)
-    assert index.stats["n_empty"] == 1
-    res = index.search(data.queries, {"n_probe": 1}, 10)
+    index = LMIIndex.from_training(method.config, params, dict(aux, leaf=leaf), data.base, {"metric": data.metric})
+    assert index.leaf_stats()["n_empty"] == 1
+    res = index.query(data.queries, {"n_probe": 1}, 10)
     assert (res.n_candidates > 0).all() and (res.ids >= 0).all()  # never a wasted probe
-    (_, leaves), = list(index.route(data.queries, 16))
+    leaves = index.route(data.queries, 16)
     assert (leaves[:, -1] == -1).all() and not (leaves == gone).any()
 
 
@@ -165,8 +169,8 @@ def test_resume_gives_the_same_index(tmp_path):
     assert resumed.step == full.step
     np.testing.assert_array_equal(resumed.aux["leaf"], full.aux["leaf"])
     assert_same_params(full.params, resumed.params)
-    a = method.index(full.params, full.aux).search(data.queries, {"n_probe": 2}, 10)
-    b = method.index(resumed.params, resumed.aux).search(data.queries, {"n_probe": 2}, 10)
+    a = method.index(full.params, full.aux).query(data.queries, {"n_probe": 2}, 10)
+    b = method.index(resumed.params, resumed.aux).query(data.queries, {"n_probe": 2}, 10)
     np.testing.assert_array_equal(a.ids, b.ids)
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from helpers import REPO, load_config
-from jaxidx.runner import build, evaluate_checkpoint, restore
+from jaxidx.runner import build, evaluate_checkpoint
+from jaxidx.train.checkpoint import Checkpointer
 from jaxidx.train.batches import xmc_inputs
 from jaxidx.train.loop import fit
 
@@ -28,7 +29,7 @@ def _steps(wd):
 
 
 def _final_state(wd):
-    _, _, _, params, aux, step, _ = restore(wd)
+    step, params, aux, _ = Checkpointer(wd, read_only=True).restore_params()
     return step, params, aux
 
 
@@ -99,7 +100,7 @@ def test_corrupted_newest_checkpoint_falls_back_with_warning(tmp_path, caplog):
             with open(path, "wb") as f:
                 f.write(b"garbage")
     with caplog.at_level("WARNING"):
-        _, _, _, _, _, step, _ = restore(str(tmp_path))
+        step, _, _, _ = Checkpointer(str(tmp_path), read_only=True).restore_params()
     assert step == steps[-2]
     assert any("unreadable" in r.message for r in caplog.records)
 
@@ -121,7 +122,7 @@ def test_invalid_config_values_are_rejected_with_the_field(field, value, needle)
 
 
 def test_unknown_override_fails_at_start():
-    with pytest.raises(KeyError, match="epochz"):
+    with pytest.raises(ValueError, match="no field .epochz."):
         load_config("configs/irli.py:tiny", **{"train.epochz": 3})
     out = subprocess.run(TRAIN + ["--workdir=/nonexistent/x", "--config.train.epochz=3"], env=ENV, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
@@ -160,11 +161,13 @@ def _untrained_index(preset, **overrides):
 @pytest.mark.parametrize("preset", ["configs/irli.py:tiny", "configs/lmi.py:tiny"])
 def test_ann_queries_of_another_dimension_are_refused(preset):
     index, data, setting = _untrained_index(preset)
-    assert index.search(data.queries[:5], setting, 10).ids.shape == (5, 10)
-    for queries in (data.queries[:, :8], data.queries[0]):
+    assert index.query(data.queries[:5], setting, 10).ids.shape == (5, 10)
+    assert index.query(data.queries[0], setting, 10).ids.shape == (1, 10)  # one query as a vector
+    for queries in (data.queries[:, :8], data.queries[0, :8], data.queries[None]):
         with pytest.raises(ValueError) as err:
-            index.search(queries, setting, 10)
-        assert str(err.value) == f"queries: expected shape [Q, 16] (the index's dimension), got {queries.shape}"
+            index.query(queries, setting, 10)
+        assert str(err.value) == (f"queries: expected shape [n, 16] (the index's dimension), got "
+                                  f"{list(queries.shape)}")
 
 
 @pytest.mark.parametrize("preset, overrides", [
@@ -175,11 +178,11 @@ def test_ann_queries_of_another_dimension_are_refused(preset):
 def test_xmc_feature_ids_beyond_the_index_are_refused(preset, overrides):
     index, data, setting = _untrained_index(preset, **overrides)
     queries = xmc_inputs(data.X_test)
-    assert index.search(queries, setting, 10).ids.shape == (data.X_test.shape[0], 10)
+    assert index.query(queries, setting, 10).ids.shape == (data.X_test.shape[0], 10)
     queries["idx"][1, 0] = data.n_features
     with pytest.raises(ValueError, match=f"queries: feature id {data.n_features} outside the index's "
                                          f"{data.n_features} features"):
-        index.search(queries, setting, 10)
+        index.query(queries, setting, 10)
 
 
 def test_evaluate_checkpoint_on_data_of_another_dimension_is_refused(tmp_path):

@@ -57,6 +57,17 @@ def resolve_path(path: Union[str, Path]) -> Path:
     return in_repo if in_repo.exists() else p
 
 
+def absolute_spec(spec: str) -> str:
+    """The spec with its file paths absolute (`ann-hdf5:PATH`, `xmc:DIR`, `xmc:TRAIN,TEST`), resolved as
+    `load` resolves them, so a config stored in a checkpoint loads from any directory."""
+    kind, sep, body = spec.partition(":")
+    if kind == "ann-hdf5" and body:
+        return f"ann-hdf5:{resolve_path(body).absolute()}"
+    if kind == "xmc" and body:
+        return "xmc:" + ",".join(str(resolve_path(p).absolute()) for p in body.split(","))
+    return spec
+
+
 def load_xmc(train_path, test_path, name: str) -> XMCData:
     """Read a train/test pair of XMC repository files; their dimensions must agree."""
     X_train, Y_train = read_xmc(train_path)
@@ -101,7 +112,9 @@ def _load_xmc_spec(body: str) -> XMCData:
 def _load_xmc_dir(d: Path, name: str) -> XMCData:
     """train.txt and test.txt, and the rows' text when `d` has it (see `jaxidx.data.text`)."""
     if not (d / "train.txt").is_file() or not (d / "test.txt").is_file():
-        raise ValueError(f"{name}: no train.txt and test.txt in {d}")
+        hint = (f"; point $JAXIDX_SHARED_DATA at the folder holding {name}/ (default <repo>/../shared/data/xmc)"
+                if name in XMC_SHORT_NAMES else "")
+        raise ValueError(f"{name}: no train.txt and test.txt in {d}{hint}")
     data = load_xmc(d / "train.txt", d / "test.txt", name)
     texts = {split: text.read_package_texts(d, split) for split in ("train", "test")}
     if texts["train"] is None or texts["test"] is None:

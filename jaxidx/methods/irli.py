@@ -274,10 +274,11 @@ def router_model(config, n_features: int) -> RepeatedMLP:
 class IRLIIndex(Index):
     """A trained IRLI router with the partition it was trained against.
 
-    arrays: `offsets` [R, B+1] and `members` [R, M] (CSR per repetition), `assign` [R, M] (bucket of
-    each item per repetition). XMC: members are label ids. ANN: members are rows of `vectors` [N, d]
-    (laid out in repetition 0's bucket order, so its buckets are contiguous), `ids` [N] int64 the item id
-    of each row, and `center` [R, B] (each bucket's mean logit over the items, once `add` has needed it).
+    arrays: `offsets` [R, B+1] and `members` [R, M] (CSR per repetition). XMC: members are label ids,
+    and `assign` [R, L] (each label's bucket, for the MACH estimator). ANN: members are rows of `vectors`
+    [N, d] (laid out in repetition 0's bucket order, so its buckets are contiguous), `ids` [N] int64 the
+    item id of each row, and `center` [R, B] (each bucket's mean logit over the items, once `add` has
+    needed it); bytes per vector are 4 d + 8 + 4 R, as faiss IVF-Flat's 4 d + 8 plus R memberships.
     """
 
     method = "irli"
@@ -298,10 +299,10 @@ class IRLIIndex(Index):
         assign = np.asarray(aux["assign"])
         info = dict(info, task=task, dim=in_dim, n_features=n_features, n_items=assign.shape[1])
         if task == "xmc":
-            return cls(config, params, _partition_arrays(assign, config.model.n_buckets), info)
+            return cls(config, params, dict(_csr(assign, config.model.n_buckets), assign=assign), info)
         order = np.argsort(assign[0], kind="stable")
         arrays = {"vectors": np.ascontiguousarray(vectors[order], np.float32), "ids": order.astype(np.int64),
-                  **_partition_arrays(np.ascontiguousarray(assign[:, order]), config.model.n_buckets)}
+                  **_csr(np.ascontiguousarray(assign[:, order]), config.model.n_buckets)}
         return cls(config, params, arrays, dict(info, next_id=len(order)))
 
     def _check_setting(self, setting: dict) -> None:
@@ -420,7 +421,7 @@ class IRLIIndex(Index):
                                              n_choices=K)
         new_ids = np.arange(self.info["next_id"], self.info["next_id"] + len(x), dtype=np.int64)
         self._relayout(np.concatenate([self.arrays["vectors"], x]), np.concatenate([self.arrays["ids"], new_ids]),
-                       np.concatenate([self.arrays["assign"], new_assign], axis=1))
+                       np.concatenate([self._row_buckets(), new_assign], axis=1))
         self.info["next_id"] = int(new_ids[-1]) + 1
         return new_ids
 
@@ -430,18 +431,26 @@ class IRLIIndex(Index):
             return super().remove(ids)
         keep = np.ones(len(self.arrays["ids"]), bool)
         keep[rows_of_ids(self.arrays["ids"], ids)] = False
-        self._relayout(self.arrays["vectors"][keep], self.arrays["ids"][keep], self.arrays["assign"][:, keep])
+        self._relayout(self.arrays["vectors"][keep], self.arrays["ids"][keep], self._row_buckets()[:, keep])
+
+    def _row_buckets(self) -> np.ndarray:
+        """The bucket of every row in every repetition [R, N], read off the CSR."""
+        offsets, members = self.arrays["offsets"], self.arrays["members"]
+        out = np.empty(members.shape, np.int32)
+        for r in range(self.n_reps):
+            out[r, members[r]] = np.repeat(np.arange(self.n_buckets, dtype=np.int32), np.diff(offsets[r]))
+        return out
 
     def _relayout(self, vectors, ids, assign) -> None:
         order = np.argsort(assign[0], kind="stable")
         self.arrays.update(vectors=np.ascontiguousarray(vectors[order]), ids=ids[order],
-                           **_partition_arrays(np.ascontiguousarray(assign[:, order]), self.n_buckets))
+                           **_csr(np.ascontiguousarray(assign[:, order]), self.n_buckets))
         self.info["n_items"] = len(ids)
 
 
-def _partition_arrays(assign: np.ndarray, n_buckets: int) -> dict:
+def _csr(assign: np.ndarray, n_buckets: int) -> dict:
     part = Partition.from_assignment(assign, n_buckets)
-    return {"offsets": part.offsets, "members": part.members, "assign": assign.astype(np.int32)}
+    return {"offsets": part.offsets, "members": part.members}
 
 
 def _train_points(data: ANNData, config) -> np.ndarray:

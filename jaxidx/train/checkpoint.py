@@ -11,6 +11,7 @@ so a checkpoint written on 8 devices restores on 1.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Optional
@@ -25,11 +26,24 @@ class CheckpointError(ValueError):
     """No usable checkpoint, or one that does not fit the current model/data."""
 
 
+@contextlib.contextmanager
+def quiet_orbax():
+    """Hide orbax's absl warnings about a read-only manager and item metadata (the reads are meant)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _manager(workdir: str, max_to_keep: Optional[int] = 3, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
+    with quiet_orbax():
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None if read_only else max_to_keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+        return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options)
 
 
 class Checkpointer:
@@ -82,14 +96,16 @@ class Checkpointer:
             try:
                 path = os.path.join(str(self._mngr.directory), str(s), "state")
                 ckptr = ocp.PyTreeCheckpointer()
-                tree = ckptr.metadata(path)
+                with quiet_orbax():
+                    tree = ckptr.metadata(path)
                 tree = getattr(tree, "item_metadata", tree)
                 tree = getattr(tree, "tree", tree)
                 target = {"state": {"params": tree["state"]["params"]}, "aux": tree["aux"]}
                 target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
                 args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-                out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args,
-                                                                      partial_restore=True))
+                with quiet_orbax():
+                    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args,
+                                                                          partial_restore=True))
                 _, meta = self.read_meta(s)
                 return s, out["state"]["params"], dict(out["aux"]), meta
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
