@@ -195,7 +195,7 @@ def train_job(job: dict) -> dict:
 def index_arrays(index) -> dict:
     """{name: (elements, bytes)} of what a search reads: the index's parameters and arrays (its partition
     and, for ANN, its own copy of the vectors and their ids)."""
-    return {**_arrays(index.params, "index.params"), **_arrays(index.arrays, "index")}
+    return {**_arrays(index.params, "params"), **_arrays(index.arrays, "arrays")}
 
 
 def search_job(job: dict) -> dict:

@@ -14,11 +14,11 @@ def load_config(path_and_preset: str, **overrides):
     return get_config(f"{os.path.basename(path)[:-3]}:{preset}", overrides=overrides)
 
 
-def run_python(code: str, env_extra: dict | None = None, timeout: int = 300) -> dict:
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 300, cwd: str = REPO) -> dict:
     """Run `code` in a fresh interpreter (e.g. with another JAX device count); it prints one JSON line last."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env_extra or {}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
-                         cwd=REPO)
+                         cwd=cwd)
     if out.returncode != 0:
         raise AssertionError(f"subprocess failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

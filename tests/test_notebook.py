@@ -10,7 +10,7 @@ nbclient = pytest.importorskip("nbclient")
 
 
 def test_colab_quickstart_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXIDX_NOTEBOOK_PRESET", "tiny")
+    monkeypatch.setenv("JAXIDX_NOTEBOOK_SIZE", "tiny")
     monkeypatch.setenv("JAXIDX_NOTEBOOK_WORKDIR", str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("MPLBACKEND", "Agg")
