@@ -19,7 +19,7 @@ import jax
 from absl import flags, logging
 
 EXIT_ERROR = 2
-EXPECTED_ERRORS = (ValueError, KeyError, AttributeError, TypeError, OSError, flags.Error)
+EXPECTED_ERRORS = (ValueError, OSError, flags.Error)  # and a config's own KeyError / AttributeError / TypeError
 
 
 def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None) -> None:
@@ -31,12 +31,21 @@ def run(main: Callable[[list], Optional[int]], argv: Optional[list] = None) -> N
     try:
         rest = flags.FLAGS(argv)
         status = main(rest)
-    except EXPECTED_ERRORS as e:
-        if verbose:
+    except Exception as e:  # noqa: BLE001 - sorted into expected errors (one line) and bugs (traceback)
+        if verbose or not (isinstance(e, EXPECTED_ERRORS) or _from_config(e)):
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     sys.exit(status or 0)
+
+
+def _from_config(e: BaseException) -> bool:
+    """A KeyError / AttributeError / TypeError raised inside ml_collections: a config field typo or a
+    value of the wrong type given on the command line."""
+    tb, last = e.__traceback__, ""
+    while tb is not None:
+        last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
+    return isinstance(e, (KeyError, AttributeError, TypeError)) and "ml_collections" in last
 
 
 def one_line(e: BaseException) -> str:
@@ -45,7 +54,7 @@ def one_line(e: BaseException) -> str:
     while isinstance(e, flags.Error) and e.__cause__ is not None:
         e = e.__cause__
     text = str(e.args[0]) if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
-    if isinstance(e, (KeyError, AttributeError)):
+    if isinstance(e, (KeyError, AttributeError)) and _from_config(e):
         m = re.match(r"""^['"]*([A-Za-z_][A-Za-z0-9_.]*)['"]*\s*(.*)$""", text, re.S)
         if m:  # ml_collections: 'field' + "Did you mean ..."
             text = f"unknown config field {m.group(1)!r}" + (f" ({m.group(2).strip()})" if m.group(2).strip() else "")
@@ -62,9 +71,10 @@ def define_distributed_flags() -> None:
 def init_runtime() -> None:
     """Multi-process initialisation when asked (flags or JAXIDX_DISTRIBUTED=1), and logging."""
     f = flags.FLAGS
-    if f.distributed or f.coordinator_address or os.environ.get("JAXIDX_DISTRIBUTED") == "1":
+    asked = "distributed" in f and (f.distributed or f.coordinator_address)
+    if asked or os.environ.get("JAXIDX_DISTRIBUTED") == "1":
         kwargs = {}
-        if f.coordinator_address:
+        if "coordinator_address" in f and f.coordinator_address:
             kwargs = dict(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
                           process_id=f.process_id)
         jax.distributed.initialize(**kwargs)

@@ -223,14 +223,17 @@ class Index:
     def resolve_setting(self, setting: dict) -> dict:
         """The config's first search setting updated with `setting`; unknown keys and bad values are
         ValueErrors naming them and the valid range."""
-        unknown = sorted(set(setting) - set(self.setting_keys))
-        if unknown:
-            raise ValueError(f"search: unknown setting {', '.join(map(repr, unknown))}; valid for {self.method}: "
-                             f"{', '.join(self.setting_keys)}")
+        self._check_keys(setting)
         out = {k: v for k, v in self.default_setting().items() if k in self.setting_keys}
         out.update(setting)
         self._check_setting(out)
         return out
+
+    def _check_keys(self, setting: dict) -> None:
+        unknown = sorted(set(setting) - set(self.setting_keys))
+        if unknown:
+            raise ValueError(f"search: unknown setting {', '.join(map(repr, unknown))}; valid for {self.method}: "
+                             f"{', '.join(self.setting_keys)}")
 
     def _check_setting(self, setting: dict) -> None:
         """Ranges of the method's settings (subclasses)."""
@@ -253,6 +256,7 @@ class Index:
         """One resolved setting: ids, scores (kernel form) and candidates per query (for evaluators)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"search: k must be an integer >= 1, got {k!r}")
+        self._check_keys(setting)
         self._check_setting(setting)
         return self._query(self._prepare(queries), setting, int(k))
 
