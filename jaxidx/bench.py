@@ -1,5 +1,6 @@
 """Benchmark plumbing shared by `launch/bench_*.py`: thread pinning, machine description,
-the ANN peers (faiss IVF-Flat, hnswlib, brute force), result tables and plots."""
+the ANN peers (faiss IVF-Flat, hnswlib, brute force), the XMC peers (PECOS XR-Linear, one-vs-rest
+logistic regression), result tables and plots."""
 from __future__ import annotations
 
 import json
@@ -191,3 +192,58 @@ def plot_ann_curves(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- XMC peers ---------------------------------------------------------------------------------------
+
+def pecos_python() -> str:
+    """The interpreter of the PECOS virtualenv, creating it on first use."""
+    from jaxidx.data import cache_dir
+    venv = os.path.join(cache_dir(), "pecos-venv")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(py):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "libpecos", "numpy<2", "scipy<1.14"], check=True)
+    return py
+
+
+def run_pecos(data, k: int = 100):
+    """PECOS XR-Linear with its defaults on an XMCData, in its own virtualenv: (top-k label ids [Q, k],
+    {train_seconds, predict_seconds})."""
+    import tempfile
+    import numpy as np
+    import scipy.sparse as sp
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("X_train", "Y_train", "X_test"):
+            sp.save_npz(f"{d}/{name}.npz", getattr(data, name).tocsr())
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pecos_xrlinear.py")  # runs in the venv
+        subprocess.run([pecos_python(), script, d, str(k)], check=True)
+        with open(f"{d}/timing.json") as f:
+            return np.load(f"{d}/pred.npy"), json.load(f)
+
+
+def run_ovr(data, k: int = 100):
+    """One liblinear logistic regression per label (labels with no positive are never ranked).
+
+    Fitted label by label: sklearn's OneVsRestClassifier on this multilabel
+    indicator input gave near-zero P@1 (measured on bibtex), the loop does not.
+    """
+    import numpy as np
+    from joblib import Parallel, delayed
+    from sklearn.linear_model import LogisticRegression
+    Y = data.Y_train.tocsc()
+    keep = np.flatnonzero(Y.getnnz(axis=0) > 0)
+
+    def fit(label):
+        y = Y[:, label].toarray().ravel().astype(np.int8)
+        return LogisticRegression(solver="liblinear", C=4.0).fit(data.X_train, y)
+
+    t0 = time.perf_counter()
+    models = Parallel(n_jobs=-1)(delayed(fit)(label) for label in keep)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    W = np.stack([m.coef_.ravel() for m in models], 1)
+    b = np.array([m.intercept_[0] for m in models])
+    scores = np.asarray(data.X_test @ W) + b
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return keep[top], {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t0}

@@ -110,50 +110,6 @@ def _arrays(tree, prefix: str) -> dict:
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
 
 
-def _timed_hooks(task, log: dict) -> None:
-    """Time `task.init` (clustering, adjacency, k-means) and the `end_of_epoch` calls that did work
-    (re-partition, leaf assignment) into `log`."""
-    init, end = task.init, task.end_of_epoch
-
-    def timed_init(rng):
-        t0 = time.perf_counter()
-        out = init(rng)
-        log["init_s"] = time.perf_counter() - t0
-        return out
-
-    def timed_end(epoch, params, aux):
-        t0 = time.perf_counter()
-        aux, scalars = end(epoch, params, aux)
-        if scalars:
-            log.setdefault("end_of_epoch_s", []).append(time.perf_counter() - t0)
-        return aux, scalars
-
-    task.init, task.end_of_epoch = timed_init, timed_end
-
-
-def _step_ms(task, result, mesh, config, n: int = 5) -> float:
-    """Milliseconds per train step at the trained parameters: the loop's jitted step, compiled once,
-    over n batches (no checkpoint, logging or end-of-epoch work in the timing)."""
-    import jax
-    from jaxidx.train import mesh as mesh_lib
-    from jaxidx.train import state as state_lib
-    tx = task.optimizer(n + 1)
-    state = state_lib.create(jax.device_get(result.params), tx)  # a copy: the step donates its state
-    shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
-    state = jax.device_put(state, shardings)
-    step = state_lib.make_train_step(task.loss, tx, mesh, shardings, config.seed)
-    aux = mesh_lib.put_replicated(task.device_aux(result.aux), mesh)
-    batches = [mesh_lib.put_batch(task.batch(0, i % task.steps_per_epoch), mesh) for i in range(n + 1)]
-    compiled = step.lower(state, batches[0], aux).compile()
-    state, _ = compiled(state, batches[0], aux)
-    jax.block_until_ready(state)
-    t0 = time.perf_counter()
-    for b in batches[1:]:
-        state, _ = compiled(state, b, aux)
-    jax.block_until_ready(state)
-    return 1e3 * (time.perf_counter() - t0) / n
-
-
 def train_job(job: dict) -> dict:
     """Train one scaling preset from scratch in job['workdir']: timings per stage, the arrays of the trained
     state (params, Adam moments, aux) and peak memory."""
@@ -178,12 +134,10 @@ def train_job(job: dict) -> dict:
     stages, result = {}, None
     for name in getattr(method, "stages", ()) or (None,):
         task = method if name is None else method.stage(name, result)
-        log = stages[name or "train"] = {}
-        _timed_hooks(task, log)
         result = fit(task, config, wd if name is None else stage_dir(wd, name), mesh,
                      data_fingerprint=data.fingerprint(), progress=False, epochs=getattr(task, "epochs", None))
-        log.update(epochs=result.epoch, steps=result.step, train_s=result.train_seconds)
-        log["step_ms"] = _step_ms(task, result, mesh, config)
+        stages[name or "train"] = dict(result.phases, epochs=result.epoch, steps=result.step,
+                                       train_s=result.train_seconds)
     arrays = {**_arrays(result.params, "params"), **_arrays(result.aux, "aux"),
               **_arrays(jax.eval_shape(task.optimizer(1).init, result.params), "opt")}
     out.update(build_s=time.perf_counter() - t0, stages=stages, train_rss_mb=_max_rss_mb(),

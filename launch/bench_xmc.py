@@ -6,9 +6,10 @@ model, measured in the same run on the same split.
 Each --workdir is evaluated from its checkpoint (its best search setting by P@1
 is reported, with queries/s for all test queries in batches and the latency of
 single queries, median and 99th percentile over --latency_queries). The whole
-process is pinned to --threads cores (default 1), peers included. PECOS runs in its own virtualenv under $JAXIDX_CACHE (created on
-first use: libpecos pins numpy < 2). The one-vs-rest peer is scikit-learn
+process is pinned to --threads cores (default 1), peers included. PECOS runs in
+its own virtualenv under $JAXIDX_CACHE (created on first use: libpecos pins numpy < 2). The one-vs-rest peer is scikit-learn
 logistic regression per label (liblinear), skipped above --ovr_max_labels.
+Both peers live in `jaxidx.bench` (`run_pecos`, `run_ovr`).
 Writes --out (JSON) and prints a table.
 """
 from jaxidx.bench import pin_threads_from_argv
@@ -18,18 +19,11 @@ if __name__ == "__main__":  # pin before jax starts its thread pools
 
 import collections  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from jaxidx import bench, cli  # noqa: E402
-from jaxidx.data import cache_dir, load  # noqa: E402
+from jaxidx.data import load  # noqa: E402
 from jaxidx.evaluate import format_results  # noqa: E402
 from jaxidx.metrics import xmc_report  # noqa: E402
 import jaxidx  # noqa: E402
@@ -44,52 +38,6 @@ flags.DEFINE_integer("latency_queries", 300, "Test queries searched one at a tim
 flags.DEFINE_string("out", "out/bench_xmc.json", "JSON result path.")
 FLAGS = flags.FLAGS
 _KEYS = ("P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5", "R@10", "R@100")
-
-
-def pecos_python() -> str:
-    """The interpreter of the PECOS virtualenv, creating it on first use."""
-    venv = os.path.join(cache_dir(), "pecos-venv")
-    py = os.path.join(venv, "bin", "python")
-    if not os.path.exists(py):
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([py, "-m", "pip", "install", "-q", "libpecos", "numpy<2", "scipy<1.14"], check=True)
-    return py
-
-
-def run_pecos(data, k: int = 100) -> tuple[np.ndarray, dict]:
-    with tempfile.TemporaryDirectory() as d:
-        for name in ("X_train", "Y_train", "X_test"):
-            sp.save_npz(f"{d}/{name}.npz", getattr(data, name).tocsr())
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pecos_xrlinear.py")
-        subprocess.run([pecos_python(), script, d, str(k)], check=True)
-        with open(f"{d}/timing.json") as f:
-            return np.load(f"{d}/pred.npy"), json.load(f)
-
-
-def run_ovr(data, k: int = 100) -> tuple[np.ndarray, dict]:
-    """One liblinear logistic regression per label (labels with no positive are never ranked).
-
-    Fitted label by label: sklearn's OneVsRestClassifier on this multilabel
-    indicator input gave near-zero P@1 (measured on bibtex), the loop does not.
-    """
-    from joblib import Parallel, delayed
-    from sklearn.linear_model import LogisticRegression
-    Y = data.Y_train.tocsc()
-    keep = np.flatnonzero(Y.getnnz(axis=0) > 0)
-
-    def fit(label):
-        y = Y[:, label].toarray().ravel().astype(np.int8)
-        return LogisticRegression(solver="liblinear", C=4.0).fit(data.X_train, y)
-
-    t0 = time.perf_counter()
-    models = Parallel(n_jobs=-1)(delayed(fit)(label) for label in keep)
-    train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    W = np.stack([m.coef_.ravel() for m in models], 1)
-    b = np.array([m.intercept_[0] for m in models])
-    scores = np.asarray(data.X_test @ W) + b
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return keep[top], {"train_seconds": train_s, "predict_seconds": time.perf_counter() - t0}
 
 
 def main(argv):
@@ -107,7 +55,7 @@ def main(argv):
                      **bench.latency_ms(jaxidx.load(wd), load(out["data"]), setting, FLAGS.latency_queries)})
         if out["data"] not in specs:
             specs.append(out["data"])
-    peers = {"pecos": run_pecos, "ovr": run_ovr}
+    peers = {"pecos": bench.run_pecos, "ovr": bench.run_ovr}
     for spec in specs:
         data = load(spec)
         for peer in FLAGS.peers:

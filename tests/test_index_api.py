@@ -323,3 +323,22 @@ def test_load_a_run_directory_trained_from_the_cli(preset, tmp_path):
     for a, b in zip(ev["results"], again):
         key = "recall@10" if "recall@10" in a else "P@1"
         assert a[key] == b[key] and a["candidates_per_query"] == b["candidates_per_query"]
+
+
+def test_one_vs_rest_peer_lives_in_the_library(xmc):
+    from jaxidx import bench
+    from jaxidx.metrics import xmc_report
+    pred, timing = bench.run_ovr(xmc, k=5)
+    assert pred.shape == (200, 5) and timing["train_seconds"] > 0
+    assert xmc_report(pred, xmc.Y_test, train_Y=xmc.Y_train)["P@1"] > 0.5
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme.split("## Use from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert os.path.isfile(tmp_path / "my.index" / "index.json")
+    index = jaxidx.load(str(tmp_path / "my.index"))
+    assert len(index) == 10000 and index.method == "lmi"

@@ -70,6 +70,10 @@ class FitResult:
     train_seconds: float
     interrupted: bool = False
     stop_signal: Optional[int] = None  # the signal that stopped the run (SIGTERM / SIGINT), if one did
+    # Phase times of this call: init_s (the method's init: k-means, clustering), end_of_epoch_s (each hook
+    # call that did work: re-partition, leaf placement), step_ms (median over the logging windows of the
+    # time per step, compilation, hooks and checkpoints excluded).
+    phases: dict = dataclasses.field(default_factory=dict)
 
 
 class _StopFlag:
@@ -109,7 +113,9 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     total = (tc.epochs if epochs is None else epochs) * spe
     tx = task.optimizer(total)
     check_run_dir(workdir, task, data_fingerprint)  # a mismatched checkpoint is named before any work or write
+    t_init = time.perf_counter()
     params, aux = task.init(jax.random.key(config.seed))
+    phases = {"init_s": time.perf_counter() - t_init, "end_of_epoch_s": [], "step_ms": []}
     state = state_lib.create(params, tx)
     shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
     state = jax.device_put(state, shardings)
@@ -147,6 +153,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
             if compiled is None:
                 compiled = step_fn.lower(state, batch, aux_dev).compile()
                 flops = throughput.step_flops(compiled, mesh.size)
+                t_win = time.perf_counter()  # throughput counts steps, not the compilation
             state, metrics = compiled(state, batch, aux_dev)
             step += 1
             window.append(metrics)
@@ -157,13 +164,18 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
                 scalars = {k: np.mean([float(m[k]) for m in window]) for k in window[0]}
                 dt = time.perf_counter() - t_win
                 scalars["examples_per_second"] = n_win / max(dt, 1e-9)
+                scalars["step_ms"] = 1e3 * dt / len(window)
+                phases["step_ms"].append(scalars["step_ms"])
                 scalars.update(throughput.step_scalars(flops, max(dt, 1e-9) / len(window), mesh.size, peak))
                 writer.write(step, scalars, prefix="train/")
                 if bar is not None:
                     bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
                 window, t_win, n_win = [], time.perf_counter(), 0
             if step % spe == 0:
+                t_hook = time.perf_counter()
                 aux, scalars = task.end_of_epoch(step // spe, state.params, aux)
+                if scalars:  # the hook did work (re-partition, leaf placement)
+                    phases["end_of_epoch_s"].append(time.perf_counter() - t_hook)
                 aux_dev = mesh_lib.put_replicated(task.device_aux(aux), mesh)
                 if scalars:
                     writer.write(step, scalars, prefix="partition/")
@@ -177,13 +189,16 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
                 log.warning("signal %d: saved step %d in %s and stopped", stop.raised, step, workdir)
                 interrupted = True
                 break
+            if not window:  # hooks and saves stay out of the next window's step time
+                t_win = time.perf_counter()
         train_seconds += time.perf_counter() - t0
     if bar is not None:
         bar.close()
     writer.close()
     ckpt.close()
+    phases["step_ms"] = float(np.median(phases["step_ms"])) if phases["step_ms"] else None
     return FitResult(params=state.params, aux=aux, step=step, epoch=step // spe,
-                     train_seconds=train_seconds, interrupted=interrupted, stop_signal=stop.raised)
+                     train_seconds=train_seconds, interrupted=interrupted, stop_signal=stop.raised, phases=phases)
 
 
 def fit_stages(method, config, workdir: str, mesh: Mesh, *, data_fingerprint: str,

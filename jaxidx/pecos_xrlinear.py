@@ -1,6 +1,7 @@
 """PECOS XR-Linear peer, run inside its own virtualenv (libpecos pins numpy < 2).
 
-Called by `launch/bench_xmc.py` as: VENV/bin/python launch/pecos_xrlinear.py DIR K
+Called by `jaxidx.bench.run_pecos` as: VENV/bin/python jaxidx/pecos_xrlinear.py DIR K (in the PECOS
+virtualenv, which has no jaxidx: this file imports only numpy, scipy and pecos)
 where DIR holds X_train.npz, Y_train.npz, X_test.npz (scipy CSR). Writes
 DIR/pred.npy (top-K label ids, -1 padded) and DIR/timing.json. PECOS defaults:
 PIFA label features, hierarchical k-means (leaf 100), beam 10, on L2-normalised
