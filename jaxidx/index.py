@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -36,6 +35,7 @@ from flax import traverse_util
 from jaxidx.data.types import KERNEL_METRIC, benchmark_distance
 from jaxidx.methods.common import SearchResult
 from jaxidx.train import batches as B_
+from jaxidx.train.checkpoint import jsonable
 
 FORMAT = "jaxidx-index"
 FORMAT_VERSION = 1
@@ -291,36 +291,16 @@ class Index:
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "jaxidx_version": __version__,
                "method": self.method, "task": self.task, "metric": self.metric, "dim": self.dim,
                "n_items": len(self), "data_fingerprint": self.info.get("data_fingerprint"),
-               "info": _jsonable(self.info), "config": _jsonable(self.config.to_dict()), "arrays": manifest}
+               "info": jsonable(self.info), "config": jsonable(self.config.to_dict()), "arrays": manifest}
         write_json_atomic(os.path.join(path, INDEX_FILE), doc)
         _remove_unreferenced(path, manifest)
         return path
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
-
-
 def index_class(method: str):
-    """The Index subclass of a method name."""
-    if method == "lmi":
-        from jaxidx.methods.lmi import LMIIndex
-        return LMIIndex
-    if method == "irli":
-        from jaxidx.methods.irli import IRLIIndex
-        return IRLIIndex
-    if method == "elias":
-        from jaxidx.methods.elias import ELIASIndex
-        return ELIASIndex
-    raise ValueError(f"method: unknown {method!r}; valid: irli, lmi, elias")
+    """The Index subclass of a method name (its trainable's `index_type`)."""
+    from jaxidx.methods import get_method
+    return get_method(method).index_type
 
 
 def load_saved(path: str) -> Index:

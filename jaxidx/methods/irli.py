@@ -448,6 +448,9 @@ class IRLIIndex(Index):
         self.info["n_items"] = len(ids)
 
 
+IRLI.index_type = IRLIIndex
+
+
 def _csr(assign: np.ndarray, n_buckets: int) -> dict:
     part = Partition.from_assignment(assign, n_buckets)
     return {"offsets": part.offsets, "members": part.members}

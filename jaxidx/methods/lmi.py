@@ -447,6 +447,9 @@ class LMIIndex(Index):
         self.info["n_items"] = len(self.arrays["ids"])
 
 
+LMI.index_type = LMIIndex
+
+
 def _offsets_of(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)[None]
 

@@ -148,3 +148,15 @@ def check_compatible(meta: dict, expected: dict, where: str) -> None:
         if have is not None and have != want:
             raise CheckpointError(
                 f"{where}: checkpoint has {key}={have} but the current data/config gives {key}={want}")
+
+
+def jsonable(x):
+    """Plain JSON types for metadata: dict keys as strings, tuples as lists, NumPy scalars as Python ones."""
+    import numpy as np
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x

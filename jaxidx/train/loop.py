@@ -132,7 +132,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     def save(step: int):
         meta = {"method": task.name, "task": getattr(task, "task", None), "step": step, "epoch": step / spe, "train_seconds": train_seconds,
                 "data_fingerprint": data_fingerprint, "shapes": task.shapes(), "config": config.to_dict()}
-        ckpt.save(step, {"state": state, "aux": aux}, _jsonable(meta))
+        ckpt.save(step, {"state": state, "aux": aux}, ckpt_lib.jsonable(meta))
 
     step_fn = state_lib.make_train_step(task.loss, tx, mesh, shardings, config.seed)
     compiled, flops = None, None  # the step compiled once for the fixed batch shapes, and its FLOPs
@@ -253,16 +253,6 @@ def _check_meta(meta: dict, task: Trainable, fingerprint: str, workdir: str) -> 
             f"{workdir}: checkpoint was trained on other data (fingerprint {meta.get('data_fingerprint')} "
             f"vs {fingerprint}); use a new --workdir")
     ckpt_lib.check_compatible(meta, task.shapes(), workdir)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
 
 
 def _progress(enabled: bool, total: int, initial: int):

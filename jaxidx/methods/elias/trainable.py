@@ -14,6 +14,7 @@ from jaxidx import clustering
 from jaxidx.data.types import XMCData
 from jaxidx.methods.common import validate_common
 from jaxidx.methods.elias.graph import approximate_adjacency, home_clusters
+from jaxidx.methods.elias.index import ELIASIndex
 from jaxidx.methods.elias.maths import (
     NEG, best_paths, cluster_beam, cluster_logits, dense_best_paths, elias_loss, encode, encoder_input, expand_paths,
     is_positive, label_logits, log_cluster_scores, log_edge_weights, lookup, make_encoder, multi_hot, route_clusters,
@@ -80,6 +81,7 @@ class ELIAS:
 
     name = "elias"
     stages = STAGES
+    index_type = ELIASIndex
 
     def __init__(self, config, data, mesh):
         if not isinstance(data, XMCData):
@@ -291,7 +293,6 @@ class ELIASStage:
     # --- search ----------------------------------------------------------------------------------
     def index(self, params, aux):
         """The searchable `ELIASIndex` of this stage's params and aux."""
-        from jaxidx.methods.elias.index import ELIASIndex
         method = self.method
         info = {"dim": method.n_features, "n_features": method.n_features, "n_items": method.n_labels,
                 "data_fingerprint": method.data.fingerprint(), "stage": self.stage,
