@@ -249,11 +249,10 @@ class IRLI:
         logits = jax.jit(lambda p, x: self.model.apply(p, x)[1])
         center = 0.0
         if self.config.partition.center_scores:
-            center = sum(np.asarray(logits(params, base[s:s + bs]), np.float64).sum(0)
-                         for s in range(0, self.n_items, bs)) / self.n_items
-            center = jnp.asarray(center, jnp.float32)
+            center = sum(np.asarray(logits(params, x), np.float64)[:n].sum(0) for x, n in query_blocks(base, bs))
+            center = jnp.asarray(center / self.n_items, jnp.float32)
         topk = jax.jit(lambda p, x, c: jax.lax.top_k(logits(p, x) - c, K)[1])
-        out = [np.asarray(topk(params, base[s:s + bs], center)) for s in range(0, self.n_items, bs)]
+        out = [np.asarray(topk(params, x, center))[:n] for x, n in query_blocks(base, bs)]
         return np.ascontiguousarray(np.concatenate(out, axis=0).transpose(1, 0, 2)).astype(np.int32)
 
     # --- search ----------------------------------------------------------------------------------

@@ -94,18 +94,14 @@ class Checkpointer:
         import numpy as np
         for s in self._candidates(step):
             try:
-                path = os.path.join(str(self._mngr.directory), str(s), "state")
-                ckptr = ocp.PyTreeCheckpointer()
-                with quiet_orbax():
-                    tree = ckptr.metadata(path)
-                tree = getattr(tree, "item_metadata", tree)
-                tree = getattr(tree, "tree", tree)
+                path = self._state_dir(s)
+                tree = self._array_metadata(s)
                 target = {"state": {"params": tree["state"]["params"]}, "aux": tree["aux"]}
-                target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), target)
+                target = jax.tree.map(lambda m: np.zeros(tuple(m.shape), m.dtype), target)
                 args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
                 with quiet_orbax():
-                    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=args,
-                                                                          partial_restore=True))
+                    out = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+                        item=target, restore_args=args, partial_restore=True))
                 _, meta = self.read_meta(s)
                 return s, out["state"]["params"], dict(out["aux"]), meta
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
@@ -113,6 +109,33 @@ class Checkpointer:
                     raise
                 self._skip(s, step, e)
         raise CheckpointError(f"no restorable checkpoint in {self.workdir}/checkpoints")
+
+    def restore_state(self, make_target, step: Optional[int] = None) -> tuple[int, Any, dict]:
+        """Restore a whole train state into `make_target(params_metadata, aux_metadata)`, built from the
+        step's own array metadata (shapes and dtypes), so resuming needs no model init. Falls back past
+        corrupted steps like `restore`."""
+        for s in self._candidates(step):
+            try:
+                tree = self._array_metadata(s)
+                target = make_target(tree["state"]["params"], tree["aux"])
+                out = self._mngr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                return s, out["state"], dict(out["meta"])
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                if isinstance(e, CheckpointError):
+                    raise
+                self._skip(s, step, e)
+        raise CheckpointError(f"no restorable checkpoint in {self.workdir}/checkpoints")
+
+    def _state_dir(self, step: int) -> str:
+        return os.path.join(str(self._mngr.directory), str(step), "state")
+
+    def _array_metadata(self, step: int) -> dict:
+        """The saved state's tree of array metadata (shape, dtype per leaf)."""
+        with quiet_orbax():
+            tree = ocp.PyTreeCheckpointer().metadata(self._state_dir(step))
+        tree = getattr(tree, "item_metadata", tree)
+        return getattr(tree, "tree", tree)
 
     def _candidates(self, step: Optional[int]) -> list[int]:
         steps = self.steps()

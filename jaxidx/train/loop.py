@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from functools import partial
 from typing import Any, Optional, Protocol
 
 import jax
@@ -113,25 +114,27 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     total = (tc.epochs if epochs is None else epochs) * spe
     tx = task.optimizer(total)
     check_run_dir(workdir, task, data_fingerprint)  # a mismatched checkpoint is named before any work or write
-    t_init = time.perf_counter()
-    params, aux = task.init(jax.random.key(config.seed))
-    phases = {"init_s": time.perf_counter() - t_init, "end_of_epoch_s": [], "step_ms": []}
-    state = state_lib.create(params, tx)
-    shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
-    state = jax.device_put(state, shardings)
-
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
-    writer = MetricsWriter(workdir)
+    phases = {"init_s": 0.0, "end_of_epoch_s": [], "step_ms": []}
     train_seconds = seconds_before
-    if ckpt.steps():
-        step, restored, meta = ckpt.restore(ckpt_lib.abstract({"state": state, "aux": aux}))
+    if ckpt.steps():  # resume: shapes come from the checkpoint itself, so init (k-means, clustering) never runs
+        step, restored, meta = ckpt.restore_state(partial(_restore_target, tx, mesh, task.leaf_spec))
         state, aux = restored["state"], {k: np.asarray(v) for k, v in restored["aux"].items()}
         train_seconds = float(meta.get("train_seconds", 0.0))
         log.info("resumed %s from step %d (epoch %.2f)", workdir, step, step / spe)
+    else:
+        t_init = time.perf_counter()
+        params, aux = task.init(jax.random.key(config.seed))
+        phases["init_s"] = time.perf_counter() - t_init
+        state = state_lib.create(params, tx)
+        state = jax.device_put(state, state_lib.state_shardings(state, mesh, task.leaf_spec))
+    shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
+    writer = MetricsWriter(workdir)
 
     def save(step: int):
-        meta = {"method": task.name, "task": getattr(task, "task", None), "step": step, "epoch": step / spe, "train_seconds": train_seconds,
-                "data_fingerprint": data_fingerprint, "shapes": task.shapes(), "config": config.to_dict()}
+        meta = {"method": task.name, "task": getattr(task, "task", None), "step": step, "epoch": step / spe,
+                "train_seconds": train_seconds, "data_fingerprint": data_fingerprint, "shapes": task.shapes(),
+                "config": config.to_dict()}
         ckpt.save(step, {"state": state, "aux": aux}, ckpt_lib.jsonable(meta))
 
     step_fn = state_lib.make_train_step(task.loss, tx, mesh, shardings, config.seed)
@@ -225,6 +228,16 @@ def fit_stages(method, config, workdir: str, mesh: Mesh, *, data_fingerprint: st
 
 def stage_dir(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage)
+
+
+def _restore_target(tx, mesh: Mesh, leaf_spec, params_meta, aux_meta) -> dict:
+    """What a train state restores into, from a checkpoint's own array metadata: the parameters' shapes
+    give the optimizer state's (by `eval_shape`, nothing allocated), laid out on `mesh`; aux as host arrays."""
+    params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), params_meta)
+    shapes = jax.eval_shape(lambda p: state_lib.create(p, tx), params)
+    shardings = state_lib.state_shardings(shapes, mesh, leaf_spec)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return {"state": state, "aux": jax.tree.map(lambda m: np.zeros(tuple(m.shape), m.dtype), aux_meta)}
 
 
 def check_run_dir(workdir: str, task: Trainable, fingerprint: str) -> None:

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxidx import clustering
 from jaxidx.data.types import XMCData
+from jaxidx.index import query_blocks
 from jaxidx.methods.common import validate_common
 from jaxidx.methods.elias.graph import approximate_adjacency, home_clusters
 from jaxidx.methods.elias.index import ELIASIndex
@@ -272,11 +273,10 @@ class ELIASStage:
         beam = min(m.beam, method.n_clusters)
         bs = self.config.search.query_batch
         ids, scores = [], []
-        for s in range(0, method.n_train, bs):
-            x = method.features(B_.take(method.inputs, np.arange(s, min(s + bs, method.n_train))))
-            _, i, sc = self._route(params, x, beam=beam)
-            ids.append(np.asarray(i))
-            scores.append(np.asarray(sc))
+        for rows, n in query_blocks(method.inputs, bs):
+            _, i, sc = self._route(params, method.features(rows), beam=beam)
+            ids.append(np.asarray(i)[:n])
+            scores.append(np.asarray(sc)[:n])
         members, values = approximate_adjacency(method.data.Y_train, np.concatenate(ids), np.concatenate(scores),
                                                 method.n_clusters, self.width, m.keep_best_edge)
         seen = np.asarray(method.data.Y_train.getnnz(axis=0)) > 0
