@@ -81,6 +81,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask_mode() -> int:
+    """0o666 less the process's umask: what `open` would give a new file (mkstemp gives 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_arrays(directory: str, arrays: dict[str, np.ndarray]) -> dict:
     """Write each array to `directory/arrays/<name>-<sha16>.npy` (content-addressed, so an existing
     file is never overwritten with other bytes); returns the manifest {name: {file, shape, dtype, sha256}}."""
@@ -95,6 +102,7 @@ def write_arrays(directory: str, arrays: dict[str, np.ndarray]) -> dict:
                 np.save(f, a, allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, _umask_mode())
             digest = _sha256(tmp)
             rel = f"{ARRAY_DIR}/{re.sub(r'[^A-Za-z0-9_.]', '.', name)}-{digest[:16]}.npy"
             os.replace(tmp, os.path.join(directory, rel))
@@ -141,6 +149,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
             json.dump(obj, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -21,7 +21,6 @@ from jaxidx.bench import pin_threads_from_argv
 if __name__ == "__main__":  # search workers get --threads=1 and pin before jax starts; the driver does not
     pin_threads_from_argv(default=0)
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -84,11 +83,9 @@ _FLAG_KEYS = ("xmc_labels", "ann_sizes", "devices", "xmc_methods", "ann_methods"
 # --- workers (each runs in its own process) ------------------------------------------------------------
 
 def _preset(method: str):
-    """The module `configs/<method>.py`, for its scaling presets."""
-    spec = importlib.util.spec_from_file_location(f"configs_{method}", os.path.join(REPO, "configs", f"{method}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The presets module of a method (`jaxidx.configs.<method>`), for its scaling presets."""
+    from jaxidx.config import preset_module
+    return preset_module(method)
 
 
 def _max_rss_mb() -> float:
