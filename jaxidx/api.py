@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from jaxidx import config as config_lib
 from jaxidx.data import load as load_data
 from jaxidx.data.ann import normalize_rows
+from jaxidx.data.specs import absolute_spec
 from jaxidx.data.types import ANNData, XMCData, _digest
 from jaxidx.index import INDEX_FILE, Index, dense_rows, index_class, load_saved, read_arrays, read_json
 from jaxidx.index import write_arrays, write_json_atomic
@@ -91,6 +92,7 @@ def fit(preset, data, *, workdir: Optional[str] = None, metric: Optional[str] = 
       unknown field is a ValueError naming it.
     """
     from jaxidx.runner import build, train_run
+    spec = absolute_spec(data) if isinstance(data, str) else None
     data = as_data(data, metric)
     if isinstance(preset, ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(preset.to_dict())
@@ -98,9 +100,7 @@ def fit(preset, data, *, workdir: Optional[str] = None, metric: Optional[str] = 
         config_lib.apply_overrides(config, overrides)
     else:
         config = config_lib.get_config(str(preset), data, overrides)
-    if config.data != data.name and not isinstance(data, str):
-        with config.unlocked():
-            config.data = data.name
+    config.data = spec or data.name  # arrays: "arrays-<digest>", which names them but cannot load them
     method, data, mesh = build(config, data)
     tmp = None
     if workdir is None:

@@ -342,3 +342,15 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     assert os.path.isfile(tmp_path / "my.index" / "index.json")
     index = jaxidx.load(str(tmp_path / "my.index"))
     assert len(index) == 10000 and index.method == "lmi"
+
+
+def test_fit_on_a_spec_keeps_it_for_evaluation_and_arrays_say_so(ann, tmp_path):
+    from jaxidx.runner import evaluate_checkpoint
+    spec = "synthetic-ann:n=1000,q=50,d=8,clusters=5,seed=0"
+    index = jaxidx.fit("irli:tiny", spec, workdir=str(tmp_path / "spec"), progress=False, train__epochs=1)
+    assert index.config.data == spec
+    out = evaluate_checkpoint(str(tmp_path / "spec"))
+    assert out["results"][0]["recall@10"] > 0
+    jaxidx.fit("irli:tiny", ann.base, workdir=str(tmp_path / "arrays"), progress=False, train__epochs=1)
+    with pytest.raises(ValueError, match="arrays given to jaxidx.fit, which no spec can load again"):
+        evaluate_checkpoint(str(tmp_path / "arrays"))

@@ -200,3 +200,19 @@ def test_one_vs_eight_devices_same_training(tmp_path):
     np.testing.assert_allclose(one["centroids"], eight["centroids"], rtol=1e-4, atol=1e-5)
     for a, b in zip(one["params"], eight["params"]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
+
+
+def test_load_and_resume_run_no_kmeans_and_load_reads_no_data(tree_run, monkeypatch):
+    import jaxidx.api
+    import jaxidx.methods.lmi as lmi
+
+    def forbidden(*a, **k):
+        raise AssertionError("must not run")
+    monkeypatch.setattr(lmi, "kmeans_tree", forbidden)
+    monkeypatch.setattr(jaxidx.api, "load_data", forbidden)
+    wd, config, out = tree_run
+    index = jaxidx.load(wd)  # no data set, no k-means tree
+    assert len(index) == 3000
+    method, data, mesh = build(config)
+    res = fit(method, config, wd, mesh, data_fingerprint=data.fingerprint(), progress=False)  # finished: resumes
+    assert res.step == out["step"] and res.phases["init_s"] == 0.0

@@ -95,6 +95,9 @@ def load(spec: str) -> Union[XMCData, ANNData]:
         return _load_xmc_spec(body)
     if kind in XMC_SHORT_NAMES and not sep:
         return _load_xmc_dir(xmc_data_dir() / kind, kind)
+    if kind.startswith("arrays-") and not sep:
+        raise ValueError(f"data {spec!r}: arrays given to jaxidx.fit, which no spec can load again; name a data "
+                         "spec holding the same data (--config.data=SPEC) to evaluate from the command line")
     raise ValueError(f"unknown data spec {spec!r}; valid forms:\n  " + "\n  ".join(SPEC_FORMS))
 
 
