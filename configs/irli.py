@@ -20,6 +20,7 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.model.hidden = (256,)     # d -> hidden (ReLU) -> B
     c.model.init_std = 0.05     # truncated-normal std of the original; 0 = lecun normal
     c.model.dense_input_max_features = 4096  # XMC: densify inputs up to this width, else embedding bag
+    c.model.standardize = True  # ANN: the routers see (x - mean) / RMS scale of the base (angular: as is)
     c.model.loss = "softmax"    # 'softmax' (CE on normalised targets) or 'bce' (the original per-bucket
                                 # sigmoid); softmax measured better on GloVe and XMC (BENCHMARKS.md)
     c.partition = ml_collections.ConfigDict()

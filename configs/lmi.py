@@ -21,6 +21,8 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
     c.model.levels = (32, 32)               # children per node, per level; leaves = product
     c.model.hidden = ((512,), (128,))       # MLP widths of the nodes of each level: d -> widths (ReLU) -> children
     c.model.init_std = 0.0                  # 0 = lecun normal; > 0: truncated normal with this std
+    c.model.standardize = True              # k-means and the MLPs see (x - mean) / RMS scale of the base (angular:
+                                            # as is), so a preset trains the same on any scale; re-rank: raw vectors
     c.kmeans = ml_collections.ConfigDict()
     c.kmeans.kind = "auto"                  # 'auto' (spherical for angular data), 'l2' or 'spherical'
     c.kmeans.init = "kmeans++"              # or 'random'

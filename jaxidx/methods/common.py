@@ -31,6 +31,26 @@ def route_topm(apply: Callable, params, x, *, m: int, kind: str):
     return ids.astype(jnp.int32), scores
 
 
+def input_standardizer(x: np.ndarray, metric: str, enabled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(center [d], scale []) float32 of the router's inputs: the mean of the base and the RMS size of its
+    centred coordinates, so (x - center) / scale has the same values whatever the data's scale and offset
+    (a preset's init, learning rate and soft-target temperature then mean the same on features near 1 and
+    near 255). Identity for angular data (already unit rows) or when not `enabled`; a constant base keeps
+    scale 1."""
+    d = x.shape[1]
+    if not enabled or metric == "angular" or len(x) == 0:
+        return np.zeros(d, np.float32), np.ones((), np.float32)
+    center = x.mean(axis=0, dtype=np.float64)
+    var = sum(float(np.square(x[s:s + 65536] - center).sum()) for s in range(0, len(x), 65536)) / (len(x) * d)
+    scale = np.sqrt(var) if var > 0 else 1.0
+    return center.astype(np.float32), np.asarray(scale, np.float32)
+
+
+def standardize(x, center, scale):
+    """(x - center) / scale for the router (NumPy in, float32 out)."""
+    return ((np.asarray(x, np.float32) - center) / scale).astype(np.float32)
+
+
 def check_queries(queries, dim: int) -> None:
     """Refuse queries that do not fit the index before any work, naming expected vs got: dense
     queries must be [Q, dim]; padded sparse rows {'idx', 'val'} must hold feature ids in
@@ -75,6 +95,8 @@ def validate_common(config) -> None:
         raise ValueError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if not s.settings:
         raise ValueError("search.settings: at least one search setting is needed")
+    if "standardize" in m and not isinstance(m.standardize, bool):
+        raise ValueError(f"model.standardize: must be True or False, got {m.standardize!r}")
     if not m.init_std >= 0:
         raise ValueError(f"model.init_std: must be >= 0 (0 = lecun normal), got {m.init_std}")
     widths = [w for h in m.hidden for w in (h if isinstance(h, (tuple, list)) else (h,))]  # LMI: one tuple per level

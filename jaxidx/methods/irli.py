@@ -22,7 +22,7 @@ from jaxidx import search as kernels
 from jaxidx.data.types import ANNData, XMCData
 from jaxidx.data.ann import normalize_rows
 from jaxidx.index import Index, dense_rows, is_int, kernel_metric, n_rows, query_blocks, rows_of_ids, sparse_rows
-from jaxidx.methods.common import SearchResult, route_topm, validate_common
+from jaxidx.methods.common import SearchResult, input_standardizer, route_topm, standardize, validate_common
 from jaxidx.models.router import RepeatedMLP, affine_head
 from jaxidx.partition import Partition, bucket_stats, hash_assignment
 from jaxidx.train import batches as B_
@@ -109,10 +109,21 @@ class IRLI:
             self.n_features = 0 if dense else data.n_features
         elif isinstance(data, ANNData):
             from jaxidx.data import knn_labels
-            self.inputs = data.base[_train_points(data, config)]
-            # Each training point's k true neighbours among the base (itself included).
-            self._labels = lambda: B_.pad_label_lists(
-                knn_labels(self.inputs, data.base, config.train.knn_k, data.metric), config.train.knn_k)
+            rows = _train_points(data, config)
+            # The routers see standardised vectors, so training does not depend on the data's scale.
+            self.input_center, self.input_scale = input_standardizer(data.base, data.metric, config.model.standardize)
+            self.inputs = standardize(data.base[rows], self.input_center, self.input_scale)
+
+            def labels():
+                """Each training point's k true neighbours among the base (itself included). Euclidean
+                neighbours are found among the standardised vectors (the same neighbours, fewer float
+                cancellations at large magnitudes); inner-product ones among the raw vectors."""
+                base = data.base
+                if data.metric == "euclidean" and config.model.standardize:
+                    base = standardize(base, self.input_center, self.input_scale)
+                return B_.pad_label_lists(knn_labels(base[rows], base, config.train.knn_k, data.metric),
+                                          config.train.knn_k)
+            self._labels = labels
             self.n_items, self.n_features, self.in_dim = data.n_items, 0, data.dim
         else:
             raise TypeError(f"IRLI: unsupported data {type(data).__name__}")
@@ -132,7 +143,10 @@ class IRLI:
     def init(self, rng):
         params = self.model.init(rng, B_.take(self.inputs, np.arange(1)))
         m = self.config.model
-        return params, {"assign": hash_assignment(self.n_items, m.n_reps, m.n_buckets)}
+        aux = {"assign": hash_assignment(self.n_items, m.n_reps, m.n_buckets)}
+        if self.task == "ann":
+            aux.update(input_center=self.input_center, input_scale=self.input_scale)
+        return params, aux
 
     def optimizer(self, total_steps):
         return optax.adam(self.config.train.learning_rate)
@@ -170,7 +184,10 @@ class IRLI:
         stats = bucket_stats(Partition.from_assignment(assign, self.config.model.n_buckets).sizes())
         moved = float((assign != aux["assign"]).mean())
         log.info("epoch %d re-partition: moved %.3f of items; bucket sizes %s", epoch, moved, stats)
-        return {"assign": assign}, dict(stats, moved=moved)
+        if moved > 0.9 and epoch > p.repartition_every:  # the first re-partition leaves the hash partition
+            log.warning("epoch %d re-partition moved %.0f%% of the items again: the routers are not converging "
+                        "(check the input scale and the learning rate)", epoch, 100 * moved)
+        return dict(aux, assign=assign), dict(stats, moved=moved)
 
     # --- re-partitioning -------------------------------------------------------------------------
     def repartition(self, params, assign: np.ndarray, epoch: int) -> np.ndarray:
@@ -247,12 +264,14 @@ class IRLI:
         """
         bs, base = self.config.search.query_batch, self.data.base
         logits = jax.jit(lambda p, x: self.model.apply(p, x)[1])
+        routed = partial(standardize, center=self.input_center, scale=self.input_scale)
         center = 0.0
         if self.config.partition.center_scores:
-            center = sum(np.asarray(logits(params, x), np.float64)[:n].sum(0) for x, n in query_blocks(base, bs))
+            center = sum(np.asarray(logits(params, routed(x)), np.float64)[:n].sum(0)
+                         for x, n in query_blocks(base, bs))
             center = jnp.asarray(center / self.n_items, jnp.float32)
         topk = jax.jit(lambda p, x, c: jax.lax.top_k(logits(p, x) - c, K)[1])
-        out = [np.asarray(topk(params, x, center))[:n] for x, n in query_blocks(base, bs)]
+        out = [np.asarray(topk(params, routed(x), center))[:n] for x, n in query_blocks(base, bs)]
         return np.ascontiguousarray(np.concatenate(out, axis=0).transpose(1, 0, 2)).astype(np.int32)
 
     # --- search ----------------------------------------------------------------------------------
@@ -276,8 +295,9 @@ class IRLIIndex(Index):
     arrays: `offsets` [R, B+1] and `members` [R, M] (CSR per repetition). XMC: members are label ids,
     and `assign` [R, L] (each label's bucket, for the MACH estimator). ANN: members are rows of `vectors`
     [N, d] (laid out in repetition 0's bucket order, so its buckets are contiguous), `ids` [N] int64 the
-    item id of each row, and `center` [R, B] (each bucket's mean logit over the items, once `add` has
-    needed it); bytes per vector are 4 d + 8 + 4 R, as faiss IVF-Flat's 4 d + 8 plus R memberships.
+    item id of each row, `input_center` [d] and `input_scale` [] (the routers see (x - center) / scale),
+    and `center` [R, B] (each bucket's mean logit over the items, once `add` has needed it). Bytes per
+    vector: 4 d + 8 + 4 R, as faiss IVF-Flat's 4 d + 8 plus R memberships.
     """
 
     method = "irli"
@@ -300,8 +320,9 @@ class IRLIIndex(Index):
         if task == "xmc":
             return cls(config, params, dict(_csr(assign, config.model.n_buckets), assign=assign), info)
         order = np.argsort(assign[0], kind="stable")
+        scaling = {k: np.asarray(aux[k], np.float32) for k in ("input_center", "input_scale") if k in aux}
         arrays = {"vectors": np.ascontiguousarray(vectors[order], np.float32), "ids": order.astype(np.int64),
-                  **_csr(np.ascontiguousarray(assign[:, order]), config.model.n_buckets)}
+                  **_csr(np.ascontiguousarray(assign[:, order]), config.model.n_buckets), **scaling}
         return cls(config, params, arrays, dict(info, next_id=len(order)))
 
     def _check_setting(self, setting: dict) -> None:
@@ -326,10 +347,13 @@ class IRLIIndex(Index):
         return normalize_rows(x, what) if self.metric == "angular" else x
 
     def model_input(self, x):
-        """Queries as the router takes them: padded sparse rows are densified for a dense-input router."""
+        """Queries as the router takes them: padded sparse rows are densified for a dense-input router;
+        vectors are standardised as in training."""
         if isinstance(x, dict):
             x = {k: x[k] for k in ("idx", "val")}
             return B_.densify_rows(x, self.dim) if not self.info["n_features"] else x
+        if "input_center" in self.arrays:
+            return standardize(x, self.arrays["input_center"], self.arrays["input_scale"])
         return x
 
     def route(self, queries, m: int):
@@ -391,7 +415,8 @@ class IRLIIndex(Index):
     def _logits(self, x: np.ndarray) -> np.ndarray:
         """Router logits [n, R, B] of vectors x."""
         fn = jax.jit(lambda p, b: self.model.apply(p, b)[1])
-        out = [np.asarray(fn(self.params, b))[:n] for b, n in query_blocks(x, self.config.search.query_batch)]
+        out = [np.asarray(fn(self.params, self.model_input(b)))[:n]
+               for b, n in query_blocks(x, self.config.search.query_batch)]
         return np.concatenate(out) if out else np.zeros((0, self.n_reps, self.n_buckets), np.float32)
 
     def add(self, vectors) -> np.ndarray:

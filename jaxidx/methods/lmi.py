@@ -41,7 +41,7 @@ from jaxidx import search as kernels
 from jaxidx.data.types import ANNData
 from jaxidx.data.ann import normalize_rows
 from jaxidx.index import Index, dense_rows, is_int, kernel_metric, query_blocks, rows_of_ids
-from jaxidx.methods.common import SearchResult, validate_common
+from jaxidx.methods.common import SearchResult, input_standardizer, standardize, validate_common
 from jaxidx.models.router import MLP, RepeatedMLP
 from jaxidx.partition import Partition, bucket_stats
 from jaxidx.train import batches as B_
@@ -215,7 +215,10 @@ class LMI:
             if bs % n_data:
                 raise ValueError(f"train.node_batch_size: {bs} (level {lvl}) is not divisible by the {n_data} "
                                  f"data-parallel devices")
-        self.x = data.base
+        # k-means, the networks and their soft targets see standardised vectors; the index re-ranks raw ones.
+        self.input_center, self.input_scale = input_standardizer(data.base, data.metric, m.standardize)
+        identity = not self.input_center.any() and self.input_scale == 1
+        self.x = data.base if identity else standardize(data.base, self.input_center, self.input_scale)
         self.steps_per_epoch = B_.steps_per_epoch(data.n_items, self.batch_size)
         self._tree = None  # k-means tree labels the batches are drawn from (set by init / device_aux)
 
@@ -232,7 +235,8 @@ class LMI:
             log.info("k-means tree %s: leaf sizes %s", list(self.levels), _size_stats(self._sizes[-1]))
         params = {f"level{lvl}": jax.jit(model.init)(jax.random.fold_in(rng, lvl), self.x[:1])["params"]
                   for lvl, model in enumerate(self.models)}
-        aux = {"labels": self._tree, "leaf": np.full(self.data.n_items, -1, np.int32)}
+        aux = {"labels": self._tree, "leaf": np.full(self.data.n_items, -1, np.int32),
+               "input_center": self.input_center, "input_scale": self.input_scale}
         aux.update({f"centroids{lvl}": c for lvl, c in enumerate(self._centroids)})
         return params, aux
 
@@ -343,7 +347,8 @@ class LMIIndex(Index):
     """LMI networks with the vectors laid out contiguously per leaf.
 
     arrays: `offsets` [1, L+1] int32 (leaf b's rows are offsets[b]:offsets[b+1]), `ids` [N] int64 (the
-    item id of each row), `vectors` [N, d] float32 (rows in leaf order; L2-normalised for angular data).
+    item id of each row), `vectors` [N, d] float32 (rows in leaf order; L2-normalised for angular data),
+    `input_center` [d] and `input_scale` [] (the networks see (x - center) / scale; absent: x as is).
     """
 
     method, task = "lmi", "ann"
@@ -362,13 +367,15 @@ class LMIIndex(Index):
         stopped before the leaves were placed) over its base vectors."""
         n_leaves = math.prod(int(c) for c in config.model.levels)
         leaf = np.asarray(aux["leaf"])
+        scaling = {k: np.asarray(aux[k], np.float32) for k in ("input_center", "input_scale") if k in aux}
         if (leaf < 0).any():  # not trained to the end (or epochs = 0): place the points now
             logp = partial(leaf_log_probs_of, tuple(router_models(config)))
-            leaf = place_vectors(logp, jax.device_put(params), vectors, config.search.query_batch,
+            x = standardize(vectors, scaling["input_center"], scaling["input_scale"]) if scaling else vectors
+            leaf = place_vectors(logp, jax.device_put(params), x, config.search.query_batch,
                                  np.asarray(aux["labels"])[-1] if config.index.repair_empty else None, n_leaves)
         part = Partition.from_assignment(leaf[None], n_leaves)
         arrays = {"offsets": part.offsets, "ids": part.members[0].astype(np.int64),
-                  "vectors": np.ascontiguousarray(vectors[part.members[0]], np.float32)}
+                  "vectors": np.ascontiguousarray(vectors[part.members[0]], np.float32), **scaling}
         n = len(vectors)
         index = cls(config, params, arrays, dict(info, dim=vectors.shape[1], n_items=n, next_id=n))
         log.info("LMI bucket sizes over %d leaves: %s", n_leaves, index.leaf_stats())
@@ -392,6 +399,12 @@ class LMIIndex(Index):
         x = dense_rows(queries, self.dim, what)
         return normalize_rows(x, what) if self.metric == "angular" else x
 
+    def router_input(self, x: np.ndarray) -> np.ndarray:
+        """Vectors as the networks were trained on them (standardised), the re-rank keeping x as is."""
+        if "input_center" not in self.arrays:
+            return x
+        return standardize(x, self.arrays["input_center"], self.arrays["input_scale"])
+
     def route(self, queries, n_probe: int) -> np.ndarray:
         """The n_probe non-empty leaves of largest path probability per query, best first, [Q, n_probe]
         (-1 where fewer leaves are non-empty)."""
@@ -400,7 +413,7 @@ class LMIIndex(Index):
     def _route_blocks(self, queries: np.ndarray, n_probe: int):
         nonempty = jnp.asarray(self.sizes() > 0)
         for chunk, n in query_blocks(queries, self.config.search.query_batch):
-            logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, chunk)
+            logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, self.router_input(chunk))
             yield chunk[:n], np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32)
 
     def _query(self, queries, setting: dict, k: int) -> SearchResult:
@@ -423,7 +436,7 @@ class LMIIndex(Index):
         """Place new vectors in the leaves the trained networks give them (no retraining); returns their
         ids, which continue after the largest id the index has held."""
         x = self._prepare(vectors, "vectors")
-        leaf = place_vectors(self._logp, self.params, x, self.config.search.query_batch)
+        leaf = place_vectors(self._logp, self.params, self.router_input(x), self.config.search.query_batch)
         new_ids = np.arange(self.info["next_id"], self.info["next_id"] + len(x), dtype=np.int64)
         offsets = self.arrays["offsets"][0]
         order = np.argsort(leaf, kind="stable")

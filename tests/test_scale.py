@@ -1,0 +1,91 @@
+"""Router inputs that do not depend on the data's scale: the same data times 100 (plus an offset) gives the
+same partition and results; IRLI trains on large-magnitude vectors; the auto presets' rules."""
+import numpy as np
+import pytest
+
+import jaxidx
+from jaxidx.config import get_config
+from jaxidx.data import synthetic_ann, synthetic_xmc
+from jaxidx.methods.common import input_standardizer, standardize
+from jaxidx.metrics import knn_recall
+
+
+def test_standardizer():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((500, 4)) * [1, 2, 3, 4] + 7).astype(np.float32)
+    c, s = input_standardizer(x, "euclidean", True)
+    np.testing.assert_allclose(c, x.mean(0), rtol=1e-5)
+    z = standardize(x, c, s)
+    np.testing.assert_allclose(np.mean(np.sum(z * z, 1)) / 4, 1.0, rtol=1e-4)  # unit RMS coordinate
+    for metric, enabled in (("angular", True), ("euclidean", False)):
+        c, s = input_standardizer(x, metric, enabled)
+        assert not c.any() and s == 1
+    c, s = input_standardizer(np.full((10, 3), 5.0, np.float32), "euclidean", True)  # constant: scale 1
+    assert s == 1 and (c == 5).all()
+
+
+@pytest.mark.parametrize("method", ["lmi", "irli"])
+def test_data_times_100_gives_the_same_partition_and_results(method):
+    d = synthetic_ann(n_base=2000, n_queries=100, dim=16, n_clusters=20, metric="euclidean", seed=4)
+    runs = [jaxidx.fit(method, d.base * a + b, progress=False, train__epochs=3) for a, b in ((1, 0), (100, 50))]
+    # The same partition up to float rounding: a last-bit difference can flip a k-means++ draw or a near-tie
+    # of the argmax, and training follows it (here at most 2% of the items).
+    assert np.mean(_buckets_of_items(runs[0]) == _buckets_of_items(runs[1])) > 0.97
+    (ids1, dist1), (ids2, dist2) = runs[0].search(d.queries, k=10), runs[1].search(d.queries * 100 + 50, k=10)
+    assert np.mean(ids1 == ids2) > 0.97
+    same = ids1 == ids2
+    np.testing.assert_allclose(dist2[same], 100 * dist1[same], rtol=1e-3)
+    # Without standardised inputs the same preset learns another, worse partition at this scale.
+    raw = jaxidx.fit(method, d.base * 100 + 50, progress=False, train__epochs=3, model__standardize=False)
+    assert np.mean(_buckets_of_items(raw) == _buckets_of_items(runs[1])) < 0.9
+
+
+def _buckets_of_items(index) -> np.ndarray:
+    """The bucket of every item id in every repetition [R, N], from the index's CSR layout."""
+    offsets = index.arrays["offsets"]
+    members = index.arrays["members"] if "members" in index.arrays else np.arange(len(index))[None]
+    ids = index.arrays["ids"]
+    out = np.empty(members.shape, np.int64)
+    for r in range(members.shape[0]):
+        out[r, ids[members[r]]] = np.repeat(np.arange(offsets.shape[1] - 1), np.diff(offsets[r]))
+    return out
+
+
+def test_irli_trains_on_large_magnitude_vectors():
+    """Features in the hundreds (overlapping clusters): without standardised inputs the routers' logits
+    saturate and recall at a fixed budget falls towards what a random bucket gives."""
+    d = synthetic_ann(n_base=10000, n_queries=300, dim=64, n_clusters=2000, metric="euclidean", seed=3)
+    base = np.clip(d.base * 100 + 128, 0, 400).astype(np.float32)
+    q = np.clip(d.queries * 100 + 128, 0, 400).astype(np.float32)
+    gt = np.argsort(((q[:, None, :] - base[None]) ** 2).sum(-1), 1)[:, :10]
+    out = {}
+    for std in (True, False):
+        index = jaxidx.fit("irli:glove-small", base, progress=False, model__standardize=std, train__epochs=8,
+                           model__n_buckets=128)
+        res = index.query(q, {"m": 2, "min_count": 1}, 10)
+        out[std] = knn_recall(res.ids, gt, 10), res.n_candidates.mean() / len(base)
+    recall, scanned = out[True]
+    assert recall > 0.6 and recall > 8 * scanned  # a random 6% of the base would give recall ~0.06
+    assert recall > out[False][0] + 0.2  # standardising is what fixes it
+
+
+def test_auto_rules_follow_the_data():
+    small = synthetic_ann(n_base=3000, n_queries=10, dim=16, n_clusters=10, seed=0)
+    c = get_config("lmi", small)
+    assert c.model.levels == (64,) and c.model.hidden == ((64,),) and c.train.epochs == 20
+    assert c.train.batch_size == 64 and [s["n_probe"] for s in c.search.settings][:3] == [1, 2, 4]
+    c = get_config("irli", small)
+    assert (c.model.n_buckets, c.model.n_reps, c.train.max_train_points) == (64, 4, 0)
+    big = synthetic_ann(n_base=200000, n_queries=10, dim=96, n_clusters=10, seed=0)
+    c = get_config("lmi", big)
+    assert c.model.levels == (512,) and c.model.hidden == ((512,),) and c.train.epochs == 10
+    assert c.train.batch_size == 1024
+    c = get_config("irli", big)
+    assert c.model.n_buckets == 512 and c.train.max_train_points == 50000 and c.model.hidden == (256,)
+    x = synthetic_xmc(n_train=500, n_test=10, n_features=300, n_labels=1000, seed=0)
+    c = get_config("elias", x)
+    assert c.model.max_leaf == 32 and c.model.input == "dense" and c.model.beam == 16
+    c = get_config("irli", x)
+    assert c.model.n_buckets == 64 and c.model.n_reps == 16 and c.partition.top_k == 4
+    with pytest.raises(ValueError, match="auto preset sizes itself from the data"):
+        get_config("lmi")
