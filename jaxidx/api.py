@@ -149,9 +149,10 @@ def run_checkpoint_dir(workdir: str) -> Optional[str]:
     return os.path.join(workdir, stages[-1]) if stages else None
 
 
-def index_from_checkpoint(workdir: str, meta: dict, params, aux: dict, vectors: Optional[np.ndarray] = None) -> Index:
-    """The Index of a checkpoint's (params, aux) and meta; an ANN run's vectors come from `vectors` or
-    the run directory's items (or, for runs from before items were kept, the data spec, fingerprint checked)."""
+def index_from_checkpoint(workdir: str, meta: dict, params, aux: dict, items=None) -> Index:
+    """The Index of a checkpoint's (params, aux) and meta; an ANN run's (vectors, metric) come from `items`
+    or the run directory's `items/` (or, for runs from before items were kept, the data spec, fingerprint
+    checked)."""
     config = ml_collections.ConfigDict(meta["config"])
     config.lock()
     method, shapes = meta["method"], meta.get("shapes", {})
@@ -167,9 +168,9 @@ def index_from_checkpoint(workdir: str, meta: dict, params, aux: dict, vectors: 
         if config.model.input == "text":
             info.update(vocab_size=shapes["vocab_size"], token_len=shapes["token_len"])
         return cls.from_training(config, params, aux, info)
-    if task == "ann" and vectors is None:
-        vectors, metric = _run_vectors(workdir, meta, config)
-        info["metric"] = metric
+    vectors = None
+    if task == "ann":
+        vectors, info["metric"] = items or _run_vectors(workdir, meta, config)
     if method == "lmi":
         return cls.from_training(config, params, aux, vectors, info)
     n_features = 0 if task == "ann" or shapes["in_dim"] <= config.model.dense_input_max_features else shapes["in_dim"]

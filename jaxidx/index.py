@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from flax import traverse_util
 
 from jaxidx.data.types import KERNEL_METRIC, benchmark_distance
-from jaxidx.methods.common import SearchResult
+from jaxidx.methods.common import SearchResult, check_queries
 from jaxidx.train import batches as B_
 from jaxidx.train.checkpoint import jsonable
 
@@ -355,7 +355,6 @@ def dense_rows(x, dim: int, what: str = "queries") -> np.ndarray:
 def sparse_rows(x, n_features: int) -> dict:
     """XMC queries -> padded sparse rows {'idx', 'val'} (+ 'tokens' passed through): a scipy sparse matrix,
     a dense array [n, n_features], or padded rows as given. Feature ids and values are checked."""
-    from jaxidx.methods.common import check_queries
     if isinstance(x, dict):
         out = dict(x)
     else:

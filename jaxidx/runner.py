@@ -52,20 +52,17 @@ def check_run_kind(workdir: str, method) -> None:
 
 
 def train_run(method, config, workdir: str, mesh, data, progress: bool = True):
-    """Train `method` in `workdir` (resuming), after checking the directory holds no other run; an ANN
-    run keeps its base vectors once in `workdir/items/`, so its checkpoints load as indexes without data."""
+    """Train `method` in `workdir` (resuming), after checking the directory holds no other run (every
+    process checks: orbax's reads are collective); an ANN run keeps its base vectors once in
+    `workdir/items/`, so its checkpoints load as indexes without the data set."""
     from jaxidx.api import write_items
+    from jaxidx.train.loop import check_run_dir
     check_run_kind(workdir, method)
+    if not getattr(method, "stages", ()):
+        check_run_dir(workdir, method, data.fingerprint())  # before the items are written
     if data.task == "ann" and jax.process_index() == 0:
-        _check_same_run(method, config, workdir, data)
         write_items(workdir, data)
     return fit_stages(method, config, workdir, mesh, data_fingerprint=data.fingerprint(), progress=progress)
-
-
-def _check_same_run(method, config, workdir, data) -> None:
-    """The loop's check, done before the items are written (so a refused run writes nothing)."""
-    from jaxidx.train.loop import check_run_dir
-    check_run_dir(workdir, method, data.fingerprint())
 
 
 def train_and_evaluate(config, workdir: str, progress: bool = True) -> dict:
@@ -126,10 +123,7 @@ def evaluate_checkpoint(workdir: str, step: Optional[int] = None, overrides: Opt
     finally:
         ckpt.close()
     meta = dict(meta, config=config.to_dict())
-    vectors = data.base if data.task == "ann" else None
-    index = index_from_checkpoint(ckpt_dir, meta, params, aux, vectors)
-    if vectors is not None:
-        index.info["metric"] = data.metric
+    index = index_from_checkpoint(ckpt_dir, meta, params, aux, (data.base, data.metric) if data.task == "ann" else None)
     results = evaluate(index, data, config.search.settings, config.search.k)
     out = {"method": meta["method"], "data": config.data, "step": step,
            "train_seconds": float(meta.get("train_seconds", 0.0)), "results": results}
