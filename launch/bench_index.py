@@ -1,8 +1,8 @@
 """Benchmarks of the index layer: opening a trained index, and searching after `add`.
 
-    python3 launch/bench_index.py load --workdir=runs/lmi-glove --workdir=runs/elias-dd --out=benchmarks/bench_load.json
     python3 launch/bench_index.py load --workdir=runs/lmi-glove --workdir=runs/elias-dd \
         --out=benchmarks/bench_load.json
+    python3 launch/bench_index.py add --workdir=runs/lmi-glove --fraction=0.1 --threads=1 --out=benchmarks/bench_add.json
 
 `load`: per run, three ways to get a searchable index, each in a fresh process (so its peak RSS is its
 own), all checked to return the same ids on the same queries:
