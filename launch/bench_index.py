@@ -117,7 +117,6 @@ def load_part(tmp: str) -> list[dict]:
     import jaxidx
     from jaxidx.api import run_checkpoint_dir
     from jaxidx.data import load
-    from jaxidx.evaluate import test_queries
     rows = []
     floor = _run_job({"how": "imports"})
     for wd in FLAGS.workdir:
