@@ -49,7 +49,10 @@ def preset(presets: dict, arg: str | None, default: str, auto=None):
             raise ValueError("config preset 'auto' sizes itself from the data: use jaxidx.fit(method, data) or "
                              "--config=configs/METHOD.py:auto:DATA_SPEC")
         from jaxidx.data import load
-        return auto(load(spec))
+        from jaxidx.data.specs import absolute_spec
+        config = auto(load(spec))
+        config.data = absolute_spec(spec)  # the spec itself: a file's data set is named by its stem only
+        return config
     if name not in presets:
         valid = sorted(presets) + (["auto:DATA_SPEC"] if auto is not None else [])
         raise ValueError(f"config preset {name!r} unknown; valid: {', '.join(valid)}")

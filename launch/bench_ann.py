@@ -14,6 +14,7 @@ if __name__ == "__main__":  # pin before jax / faiss start their thread pools
     pin_threads_from_argv()
 
 import json  # noqa: E402
+import os  # noqa: E402
 
 from absl import flags, logging  # noqa: E402
 
@@ -57,7 +58,8 @@ def main(argv):
         for r in evaluate(index, data, index.config.search.settings, 10):
             setting = {k: v for k, v in r.items() if k not in
                        ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
-            rows.append({"method": f"{index.method} (B {n_buckets})", "setting": setting,
+            rows.append({"method": f"{index.method} (B {n_buckets}, {os.path.basename(os.path.normpath(wd))})",
+                         "setting": setting,
                          **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
                                               "queries_per_second")}})
     frows, fb, _ = bench.bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe], FLAGS.threads)

@@ -20,7 +20,7 @@ SPEC_FORMS = (
     "ann-hdf5:PATH",
     "xmc:DIR (holding train.txt and test.txt) | xmc:TRAIN_PATH,TEST_PATH",
     " | ".join(XMC_SHORT_NAMES) + " (in $JAXIDX_SHARED_DATA, default <repo>/../shared/data/xmc)",
-    "synthetic-ann[:n=,q=,d=,clusters=,metric=,seed=]",
+    "synthetic-ann[:n=,q=,d=,clusters=,metric=,seed=,scale=,offset=]",
     "synthetic-xmc[:n=,test=,features=,labels=,per_example=,per_label=,zipf=,seed=]",
 )
 
@@ -30,7 +30,8 @@ TEXT_MIN_COUNT, TEXT_MAX_LEN = 2, 32  # vocabulary: training tokens seen twice; 
 _GLOVE_KEYS = {"base": ("n_base", int), "queries": ("n_queries", int)}
 _GLOVE_COPIES_KEYS = dict(_GLOVE_KEYS, noise=("noise", float), seed=("seed", int))
 _SYNTHETIC_ANN_KEYS = {"n": ("n_base", int), "q": ("n_queries", int), "d": ("dim", int),
-                       "clusters": ("n_clusters", int), "metric": ("metric", str), "seed": ("seed", int)}
+                       "clusters": ("n_clusters", int), "metric": ("metric", str), "seed": ("seed", int),
+                       "scale": ("scale", float), "offset": ("offset", float)}
 _SYNTHETIC_XMC_KEYS = {"n": ("n_train", int), "test": ("n_test", int), "features": ("n_features", int),
                        "labels": ("n_labels", int), "per_example": ("labels_per_example", float),
                        "per_label": ("features_per_label", int), "zipf": ("zipf", float), "seed": ("seed", int)}
