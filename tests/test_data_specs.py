@@ -79,6 +79,10 @@ def test_synthetic_specs():
     a = load("synthetic-ann:n=300,q=4,d=6,clusters=3,metric=euclidean,seed=2")
     assert a.base.shape == (300, 6) and a.metric == "euclidean" and a.queries.shape == (4, 6)
     assert isinstance(load("synthetic-ann"), ANNData)  # every key is optional
+    big = load("synthetic-ann:n=300,q=4,d=6,clusters=3,metric=euclidean,seed=2,scale=100,offset=128")
+    np.testing.assert_allclose(big.base, a.base * 100 + 128, rtol=1e-5)
+    np.testing.assert_array_equal(big.gt_ids[:, :5], a.gt_ids[:, :5])  # the same neighbours, scaled
+    assert load(big.name).fingerprint() == big.fingerprint()  # its name is its spec
     x = load("synthetic-xmc:n=50,test=10,features=40,labels=12,per_example=2,per_label=3,zipf=0.5,seed=1")
     assert x.X_train.shape == (50, 40) and x.Y_test.shape == (10, 12)
     assert isinstance(load("synthetic-xmc"), XMCData)
@@ -98,7 +102,7 @@ def test_glove_spec(tmp_path, monkeypatch):
     ("glove-6b-50d:foo=1", "valid keys: base, queries"),
     ("glove-6b-50d:base", "malformed parameter"),
     ("synthetic-ann:n=ten", "not a valid int"),
-    ("synthetic-ann:dim=3", "valid keys: n, q, d, clusters, metric, seed"),
+    ("synthetic-ann:dim=3", "valid keys: n, q, d, clusters, metric, seed, scale, offset"),
     ("synthetic-xmc:labels=5,size=2", "valid keys: n, test, features, labels, per_example, per_label, zipf, seed"),
     ("xmc:a,b,c", "expected xmc:DIR"),
 ])
