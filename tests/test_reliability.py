@@ -192,3 +192,24 @@ def test_evaluate_checkpoint_on_data_of_another_dimension_is_refused(tmp_path):
     with pytest.raises(ValueError, match="checkpoint has dim=16 but the current data/config gives dim=8"):
         evaluate_checkpoint(str(tmp_path), overrides={"data": "synthetic-ann:n=3000,q=200,d=8,clusters=30,seed=0"})
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_non_finite_loss_stops_naming_step_and_metric_and_keeps_the_last_good_checkpoint(tmp_path):
+    from jaxidx.train.loop import NonFiniteError
+    config = load_config("configs/irli.py:tiny", **{"train.epochs": 1, "train.log_every": 1,
+                                                    "train.checkpoint_every_steps": 2, "train.keep_checkpoints": 10})
+    method, data, mesh = build(config)
+    batch = method.batch
+
+    def poisoned(epoch, index):  # the data turns to NaN from the 6th step on
+        out = batch(epoch, index)
+        if epoch * method.steps_per_epoch + index >= 5:
+            out["x"] = np.full_like(out["x"], np.nan)
+        return out
+    method.batch = poisoned
+    with pytest.raises(NonFiniteError, match=r"train/loss is nan at step 6; training stopped \(step 4 is the last "
+                                             r"good checkpoint\)"):
+        fit(method, config, str(tmp_path), mesh, data_fingerprint=data.fingerprint(), progress=False)
+    assert _steps(str(tmp_path)) == [0, 2, 4]
+    step, params, _, _ = Checkpointer(str(tmp_path), read_only=True).restore_params()
+    assert step == 4 and all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))

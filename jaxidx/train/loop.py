@@ -148,57 +148,63 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     bar = _progress(progress, total, step)
     interrupted = False
     window, t_win, n_win = [], time.perf_counter(), 0
-    with stop.installed():
-        t0 = time.perf_counter()
-        while step < total:
-            epoch, index = divmod(step, spe)
-            batch = mesh_lib.put_batch(task.batch(epoch, index), mesh)
-            if compiled is None:
-                compiled = step_fn.lower(state, batch, aux_dev).compile()
-                flops = throughput.step_flops(compiled, mesh.size)
-                t_win = time.perf_counter()  # throughput counts steps, not the compilation
-            state, metrics = compiled(state, batch, aux_dev)
-            step += 1
-            window.append(metrics)
-            n_win += task.batch_size
-            if bar is not None:
-                bar.update(1)
-            if step % tc.log_every == 0 or step % spe == 0:
-                scalars = {k: np.mean([float(m[k]) for m in window]) for k in window[0]}
-                dt = time.perf_counter() - t_win
-                scalars["examples_per_second"] = n_win / max(dt, 1e-9)
-                scalars["step_ms"] = 1e3 * dt / len(window)
-                phases["step_ms"].append(scalars["step_ms"])
-                scalars.update(throughput.step_scalars(flops, max(dt, 1e-9) / len(window), mesh.size, peak))
-                writer.write(step, scalars, prefix="train/")
+    last_saved = step if ckpt.steps() else None
+    try:
+        with stop.installed():
+            t0 = time.perf_counter()
+            while step < total:
+                epoch, index = divmod(step, spe)
+                batch = mesh_lib.put_batch(task.batch(epoch, index), mesh)
+                if compiled is None:
+                    compiled = step_fn.lower(state, batch, aux_dev).compile()
+                    flops = throughput.step_flops(compiled, mesh.size)
+                    t_win = time.perf_counter()  # throughput counts steps, not the compilation
+                state, metrics = compiled(state, batch, aux_dev)
+                step += 1
+                window.append(metrics)
+                n_win += task.batch_size
                 if bar is not None:
-                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
-                window, t_win, n_win = [], time.perf_counter(), 0
-            if step % spe == 0:
-                t_hook = time.perf_counter()
-                aux, scalars = task.end_of_epoch(step // spe, state.params, aux)
-                if scalars:  # the hook did work (re-partition, leaf placement)
-                    phases["end_of_epoch_s"].append(time.perf_counter() - t_hook)
-                aux_dev = mesh_lib.put_replicated(task.device_aux(aux), mesh)
-                if scalars:
-                    writer.write(step, scalars, prefix="partition/")
-            at_epoch_end = step % spe == 0
-            if at_epoch_end or (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) \
-                    or stop.raised is not None:
-                train_seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                save(step)
-            if stop.raised is not None:
-                log.warning("signal %d: saved step %d in %s and stopped", stop.raised, step, workdir)
-                interrupted = True
-                break
-            if not window:  # hooks and saves stay out of the next window's step time
-                t_win = time.perf_counter()
-        train_seconds += time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
-    writer.close()
-    ckpt.close()
+                    bar.update(1)
+                if step % tc.log_every == 0 or step % spe == 0:
+                    check_finite(window, step, last_saved, workdir)
+                    scalars = {k: np.mean([float(m[k]) for m in window]) for k in window[0]}
+                    dt = time.perf_counter() - t_win
+                    scalars["examples_per_second"] = n_win / max(dt, 1e-9)
+                    scalars["step_ms"] = 1e3 * dt / len(window)
+                    phases["step_ms"].append(scalars["step_ms"])
+                    scalars.update(throughput.step_scalars(flops, max(dt, 1e-9) / len(window), mesh.size, peak))
+                    writer.write(step, scalars, prefix="train/")
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.0f}")
+                    window, t_win, n_win = [], time.perf_counter(), 0
+                if step % spe == 0:
+                    t_hook = time.perf_counter()
+                    aux, scalars = task.end_of_epoch(step // spe, state.params, aux)
+                    if scalars:  # the hook did work (re-partition, leaf placement)
+                        phases["end_of_epoch_s"].append(time.perf_counter() - t_hook)
+                    aux_dev = mesh_lib.put_replicated(task.device_aux(aux), mesh)
+                    if scalars:
+                        writer.write(step, scalars, prefix="partition/")
+                at_epoch_end = step % spe == 0
+                if at_epoch_end or (tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0) \
+                        or stop.raised is not None:
+                    train_seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    check_finite(window, step, last_saved, workdir)  # never save a diverged state
+                    save(step)
+                    last_saved = step
+                if stop.raised is not None:
+                    log.warning("signal %d: saved step %d in %s and stopped", stop.raised, step, workdir)
+                    interrupted = True
+                    break
+                if not window:  # hooks and saves stay out of the next window's step time
+                    t_win = time.perf_counter()
+            train_seconds += time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpt.close()
     phases["step_ms"] = float(np.median(phases["step_ms"])) if phases["step_ms"] else None
     return FitResult(params=state.params, aux=aux, step=step, epoch=step // spe,
                      train_seconds=train_seconds, interrupted=interrupted, stop_signal=stop.raised, phases=phases)
@@ -228,6 +234,23 @@ def fit_stages(method, config, workdir: str, mesh: Mesh, *, data_fingerprint: st
 
 def stage_dir(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage)
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A training metric became NaN or Inf; the run stops and its last good checkpoint stays."""
+
+
+def check_finite(window: list, step: int, last_saved: Optional[int], workdir: str) -> None:
+    """Raise NonFiniteError naming the first step and metric in `window` (the per-step metrics of the
+    steps up to `step`) that is NaN or Inf, and the checkpoint a rerun resumes from."""
+    for i, metrics in enumerate(window):
+        for name in sorted(metrics, key=lambda k: k != "loss"):  # the loss first, then the rest
+            value = float(metrics[name])
+            if not np.isfinite(value):
+                kept = f"step {last_saved} is the last good checkpoint" if last_saved is not None else "no checkpoint"
+                raise NonFiniteError(
+                    f"{workdir}: train/{name} is {value} at step {step - len(window) + i + 1}; training stopped "
+                    f"({kept}). Lower train.learning_rate or look for extreme values in the data.")
 
 
 def _restore_target(tx, mesh: Mesh, leaf_spec, params_meta, aux_meta) -> dict:
