@@ -2,6 +2,10 @@
 bucket count), hnswlib and brute force, on the same base and queries, in one run.
 
     python launch/bench_ann.py --workdir=runs/irli-glove [--workdir=runs/lmi-glove] --threads=1
+    python launch/bench_ann.py --suite --threads=1 --out=benchmarks/bench_ann_suite.json
+
+--suite trains each method's auto preset on every data set of the robustness suite
+(`jaxidx.data.suite`, on all cores) and searches them one core beside the peers, one table.
 
 Queries are searched in one batch on `--threads` cores (the whole process is
 pinned). Prints a table and the best figures at recall 0.90, writes
@@ -34,41 +38,133 @@ flags.DEFINE_list("ef", "10,20,40,80,160,320", "hnswlib ef sweep.")
 flags.DEFINE_bool("hnsw", True, "Include hnswlib (its build is the slowest part).")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
 flags.DEFINE_string("out", "out/bench_ann.json", "JSON result path; the plot goes beside it (.png).")
-flags.mark_flag_as_required("workdir")
+flags.DEFINE_bool("suite", False, "Run every ANN method's auto preset on the robustness suite "
+                  "(jaxidx.data.suite.SUITE) beside faiss IVF-Flat (LMI's bucket count) and hnswlib.")
+flags.DEFINE_multi_string("suite_data", [], "With --suite: these data specs (repeat the flag) instead of the "
+                          "whole suite.")
+flags.DEFINE_list("methods", ["lmi", "irli"], "With --suite: the methods trained (auto presets).")
+flags.DEFINE_string("suite_dir", "runs/suite", "With --suite: where runs train; a finished run is reused.")
 FLAGS = flags.FLAGS
+
+
+def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = True):
+    """Each trained run opened with `jaxidx.load` and searched at its settings (or `settings[i]`), on the
+    run's data (or `data_spec`); returns (rows, {name: build seconds}, data, bucket count of the first).
+    Rows are named by method and buckets, and (`tagged`) the run directory's name."""
+    rows, builds, data, nlist = [], {}, None, None
+    for i, wd in enumerate(workdirs):
+        index = jaxidx.load(wd)
+        overrides = {"search.n_threads": FLAGS.threads}
+        if i < len(settings):
+            overrides["search.settings"] = json.loads(settings[i])
+        apply_overrides(index.config, overrides)
+        data_i = load(data_spec or index.config.data)
+        if data_i.fingerprint() != index.info["data_fingerprint"]:
+            raise ValueError(f"--workdir {wd}: trained on other data than {data_spec or index.config.data}")
+        data = data_i
+        n_buckets = index.stats()["n_buckets"]
+        nlist = nlist or n_buckets
+        name = f"{index.method} (B {n_buckets}" + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")")
+        builds[name] = float(index.info.get("train_seconds", 0.0))
+        for r in evaluate(index, data, index.config.search.settings, 10):
+            setting = {k: v for k, v in r.items() if k not in
+                       ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
+            rows.append({"method": name, "setting": setting,
+                         **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
+                                              "queries_per_second")}})
+    return rows, builds, data, nlist
+
+
+def peer_rows(data, nlist: int):
+    """faiss IVF-Flat (nlist lists) and brute force, and hnswlib unless --nohnsw."""
+    rows, builds, _ = bench.bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe if int(x) <= nlist],
+                                        FLAGS.threads)
+    if FLAGS.hnsw:
+        hrows, hb, _ = bench.bench_hnsw(data, [int(x) for x in FLAGS.ef], FLAGS.threads, FLAGS.hnsw_build_threads)
+        rows, builds = rows + hrows, {**builds, **hb}
+    return rows, builds
+
+
+def train_suite_run(method: str, spec: str) -> str:
+    """`launch/train.py` with the method's auto preset on `spec`, on every core (this process is pinned for
+    the searches), in --suite_dir; a finished run (its eval.json) is reused."""
+    import re
+    import subprocess
+    import sys
+    wd = os.path.join(FLAGS.suite_dir, re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec) + "-" + method)
+    if os.path.exists(os.path.join(wd, "eval.json")):
+        return wd
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OMP_NUM_THREADS")}
+    cores = range(os.cpu_count() or 1)
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                          f"--config=configs/{method}.py:auto:{spec}", f"--workdir={wd}", "--noprogress"],
+                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         preexec_fn=lambda: os.sched_setaffinity(0, cores), capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"training {method} on {spec} failed:\n{out.stderr[-3000:]}")
+    return wd
+
+
+def suite_summary(rows: list[dict], data_name: str, builds: dict) -> list[dict]:
+    """Per method: fewest candidates and most queries/s at recall@10 0.90 and 0.95, and their ratio to
+    faiss IVF-Flat's (candidates: lower is better; queries/s: higher is better)."""
+    out, ivf = [], {}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for target in (0.90, 0.95):
+        ivf[target] = next((bench.best_at(rows, m, target) for m in methods if m.startswith("faiss-ivf")), {})
+    for m in methods:
+        entry = {"data": data_name, "method": m, "build_s": builds.get(m, builds.get(m.split(" ")[0]))}
+        for target in (0.90, 0.95):
+            b, ref = bench.best_at(rows, m, target), ivf[target]
+            tag = f"{target:.2f}"
+            if not b["reaches"]:
+                entry[f"cand@{tag}"] = entry[f"qps@{tag}"] = "not reached"
+                continue
+            entry[f"cand@{tag}"] = b["min_candidates"]
+            entry[f"qps@{tag}"] = round(b["max_queries_per_second"])
+            if ref.get("reaches") and b["min_candidates"]:
+                entry[f"cand_vs_ivf@{tag}"] = round(b["min_candidates"] / ref["min_candidates"], 3)
+            if ref.get("reaches"):
+                entry[f"qps_vs_ivf@{tag}"] = round(b["max_queries_per_second"] / ref["max_queries_per_second"], 3)
+        out.append(entry)
+    return out
+
+
+def run_suite() -> dict:
+    from jaxidx.data.suite import SUITE
+    specs = FLAGS.suite_data or list(SUITE)
+    table, per_data = [], {}
+    for spec in specs:
+        print(f"== {spec}", flush=True)
+        wds = [train_suite_run(m, spec) for m in FLAGS.methods]
+        rows, builds, data, _ = index_rows(wds, spec, tagged=False)
+        lmi = next((jaxidx.load(wd) for wd in wds if "-lmi" in wd), None)
+        nlist = (lmi or jaxidx.load(wds[0])).stats()["n_buckets"]
+        prows, pbuilds = peer_rows(data, nlist)
+        rows += prows
+        summary = suite_summary(rows, spec, {**builds, **pbuilds})
+        print(format_results(summary), flush=True)
+        table += summary
+        per_data[spec] = rows
+    return {"suite": table, "rows": per_data}
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    rows, builds, data, nlist = [], {}, None, None
-    for i, wd in enumerate(FLAGS.workdir):
-        index = jaxidx.load(wd)
-        overrides = {"search.n_threads": FLAGS.threads}
-        if i < len(FLAGS.settings):
-            overrides["search.settings"] = json.loads(FLAGS.settings[i])
-        apply_overrides(index.config, overrides)
-        data_i = load(FLAGS.data or index.config.data)
-        if data_i.fingerprint() != index.info["data_fingerprint"]:
-            raise ValueError(f"--workdir {wd}: trained on other data than {FLAGS.data or index.config.data}")
-        data = data_i
-        n_buckets = index.stats()["n_buckets"]
-        nlist = nlist or n_buckets
-        builds[f"{index.method} ({wd})"] = float(index.info.get("train_seconds", 0.0))
-        for r in evaluate(index, data, index.config.search.settings, 10):
-            setting = {k: v for k, v in r.items() if k not in
-                       ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
-            rows.append({"method": f"{index.method} (B {n_buckets}, {os.path.basename(os.path.normpath(wd))})",
-                         "setting": setting,
-                         **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
-                                              "queries_per_second")}})
-    frows, fb, _ = bench.bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe], FLAGS.threads)
-    rows += frows
-    builds.update(fb)
-    if FLAGS.hnsw:
-        hrows, hb, _ = bench.bench_hnsw(data, [int(x) for x in FLAGS.ef], FLAGS.threads, FLAGS.hnsw_build_threads)
-        rows += hrows
-        builds.update(hb)
+    if FLAGS.suite:
+        out = {"machine": bench.machine(), "command": bench.command(), "threads": FLAGS.threads, **run_suite()}
+        bench.write_json(FLAGS.out, out)
+        print(out["machine"])
+        print(format_results(out["suite"]))
+        print(f"results: {FLAGS.out}")
+        return 0
+    if not FLAGS.workdir:
+        raise ValueError("--workdir: at least one trained run is needed (or --suite)")
+    rows, builds, data, nlist = index_rows(FLAGS.workdir, FLAGS.data, FLAGS.settings)
+    prows, pbuilds = peer_rows(data, nlist)
+    rows += prows
+    builds.update(pbuilds)
     summary = [bench.best_at(rows, m, 0.90) for m in dict.fromkeys(r["method"] for r in rows)]
     out = {"machine": bench.machine(), "command": bench.command(), "data": data.name, "threads": FLAGS.threads,
            "n_queries": int(len(data.queries)), "build_seconds": builds, "rows": rows, "at_recall_0.90": summary}

@@ -109,8 +109,8 @@ def read_ann_hdf5(path) -> ANNData:
                    gt_dist=dist)
 
 
-def glove_split() -> tuple[np.ndarray, np.ndarray]:
-    """Canonical GloVe 6B 50d split, normalised: (base [390000, 50], queries [10000, 50]).
+def glove_split(normalize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical GloVe 6B 50d split, normalised (or raw): (base [390000, 50], queries [10000, 50]).
 
     perm = default_rng(0).permutation(400000); queries = rows perm[:10000],
     base = rows perm[10000:], in that order.
@@ -121,7 +121,7 @@ def glove_split() -> tuple[np.ndarray, np.ndarray]:
     if emb.shape != (GLOVE_ROWS, 50):
         raise ValueError(f"GloVe embeddings: expected shape {(GLOVE_ROWS, 50)}, got {emb.shape}")
     perm = np.random.default_rng(0).permutation(GLOVE_ROWS)
-    emb = normalize_rows(emb, "GloVe embeddings")
+    emb = normalize_rows(emb, "GloVe embeddings") if normalize else np.asarray(emb, np.float32)
     return emb[perm[GLOVE_QUERIES:]], emb[perm[:GLOVE_QUERIES]]
 
 

@@ -20,7 +20,9 @@ SPEC_FORMS = (
     "ann-hdf5:PATH",
     "xmc:DIR (holding train.txt and test.txt) | xmc:TRAIN_PATH,TEST_PATH",
     " | ".join(XMC_SHORT_NAMES) + " (in $JAXIDX_SHARED_DATA, default <repo>/../shared/data/xmc)",
-    "synthetic-ann[:n=,q=,d=,clusters=,metric=,seed=,scale=,offset=]",
+    "synthetic-ann[:n=,q=,d=,clusters=,metric=,seed=,scale=,offset=,zipf=]",
+    "glove-6b-50d-raw[:base=N,queries=N] (unnormalised, euclidean)",
+    "xmc-dense:NAME | xmc-svd:NAME[,dim=256] (an XMC set's feature rows as euclidean ANN points)",
     "synthetic-xmc[:n=,test=,features=,labels=,per_example=,per_label=,zipf=,seed=]",
 )
 
@@ -31,7 +33,7 @@ _GLOVE_KEYS = {"base": ("n_base", int), "queries": ("n_queries", int)}
 _GLOVE_COPIES_KEYS = dict(_GLOVE_KEYS, noise=("noise", float), seed=("seed", int))
 _SYNTHETIC_ANN_KEYS = {"n": ("n_base", int), "q": ("n_queries", int), "d": ("dim", int),
                        "clusters": ("n_clusters", int), "metric": ("metric", str), "seed": ("seed", int),
-                       "scale": ("scale", float), "offset": ("offset", float)}
+                       "scale": ("scale", float), "offset": ("offset", float), "zipf": ("zipf", float)}
 _SYNTHETIC_XMC_KEYS = {"n": ("n_train", int), "test": ("n_test", int), "features": ("n_features", int),
                        "labels": ("n_labels", int), "per_example": ("labels_per_example", float),
                        "per_label": ("features_per_label", int), "zipf": ("zipf", float), "seed": ("seed", int)}
@@ -84,6 +86,14 @@ def load(spec: str) -> Union[XMCData, ANNData]:
     kind, sep, body = spec.partition(":")
     if kind == "glove-6b-50d":
         return load_glove(**_params(spec, body, _GLOVE_KEYS))
+    if kind == "glove-6b-50d-raw":
+        from jaxidx.data.suite import glove_raw
+        return glove_raw(**_params(spec, body, _GLOVE_KEYS))
+    if kind in ("xmc-dense", "xmc-svd") and body:
+        from jaxidx.data.suite import xmc_rows
+        source, _, rest = body.partition(",")
+        dim = _params(spec, rest, {"dim": ("dim", int)}).get("dim", 256) if kind == "xmc-svd" else 0
+        return xmc_rows(load(source), spec, dim)
     if kind == "glove-copies":
         return glove_copies(**_params(spec, body, _GLOVE_COPIES_KEYS))
     if kind == "synthetic-ann":

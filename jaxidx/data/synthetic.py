@@ -14,11 +14,13 @@ PROTOTYPE_KEEP = 0.6  # chance that an example keeps each prototype feature of e
 
 
 def synthetic_ann(n_base: int = 10000, n_queries: int = 100, dim: int = 32, n_clusters: int = 16,
-                  metric: str = "angular", seed: int = 0, scale: float = 1.0, offset: float = 0.0) -> ANNData:
+                  metric: str = "angular", seed: int = 0, scale: float = 1.0, offset: float = 0.0,
+                  zipf: float = 0.0) -> ANNData:
     """Gaussian clusters (centres ~ N(0, I), spread CLUSTER_SPREAD); queries are
     held-out draws from the same mixture; exact top-min(100, n_base) ground truth.
     `scale` and `offset` map every coordinate to x * scale + offset (features in the hundreds, as
-    raw image or count features have), before the angular normalisation."""
+    raw image or count features have), before the angular normalisation. `zipf` > 0 draws cluster c with
+    probability proportional to (c + 1)^-zipf (strongly unequal cluster sizes); 0: uniform."""
     if metric not in ANN_METRICS:
         raise ValueError(f"metric: unknown {metric!r}; valid: {ANN_METRICS}")
     if min(n_base, n_queries, dim, n_clusters) < 1:
@@ -26,7 +28,12 @@ def synthetic_ann(n_base: int = 10000, n_queries: int = 100, dim: int = 32, n_cl
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
     n = n_base + n_queries
-    x = centres[rng.integers(n_clusters, size=n)] + CLUSTER_SPREAD * rng.standard_normal((n, dim)).astype(np.float32)
+    if zipf > 0:
+        p = np.arange(1, n_clusters + 1, dtype=np.float64) ** -zipf
+        which = rng.choice(n_clusters, size=n, p=p / p.sum())
+    else:
+        which = rng.integers(n_clusters, size=n)
+    x = centres[which] + CLUSTER_SPREAD * rng.standard_normal((n, dim)).astype(np.float32)
     if (scale, offset) != (1.0, 0.0):
         x = (x * np.float32(scale) + np.float32(offset)).astype(np.float32)
     if metric == "angular":
@@ -36,6 +43,8 @@ def synthetic_ann(n_base: int = 10000, n_queries: int = 100, dim: int = 32, n_cl
     name = f"synthetic-ann:n={n_base},q={n_queries},d={dim},clusters={n_clusters},metric={metric},seed={seed}"
     if (scale, offset) != (1.0, 0.0):
         name += f",scale={scale:g},offset={offset:g}"
+    if zipf:
+        name += f",zipf={zipf:g}"
     return ANNData(name=name, base=base, queries=queries, metric=metric, gt_ids=gt_ids, gt_dist=gt_dist)
 
 
