@@ -95,11 +95,15 @@ def train_suite_run(method: str, spec: str) -> str:
     if os.path.exists(os.path.join(wd, "eval.json")):
         return wd
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OMP_NUM_THREADS")}
-    cores = range(os.cpu_count() or 1)
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-                          f"--config=configs/{method}.py:auto:{spec}", f"--workdir={wd}", "--noprogress"],
-                         env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         preexec_fn=lambda: os.sched_setaffinity(0, cores), capture_output=True, text=True)
+    pinned = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))  # the child inherits every core (no fork hook)
+    try:
+        out = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                              f"--config=configs/{method}.py:auto:{spec}", f"--workdir={wd}", "--noprogress"],
+                             env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             capture_output=True, text=True)
+    finally:
+        os.sched_setaffinity(0, pinned)
     if out.returncode:
         raise RuntimeError(f"training {method} on {spec} failed:\n{out.stderr[-3000:]}")
     return wd
