@@ -106,7 +106,7 @@ def fit(preset, data, *, workdir: Optional[str] = None, metric: Optional[str] = 
     if workdir is None:
         tmp = workdir = tempfile.mkdtemp(prefix="jaxidx-fit-")
     try:
-        task, result = train_run(method, config, workdir, mesh, data, progress)
+        task, result = train_run(method, config, workdir, mesh, data, progress, keep_items=tmp is None)
         if result.interrupted:
             raise KeyboardInterrupt(f"training stopped by a signal at step {result.step}"
                                     + ("" if tmp else f"; the checkpoint in {workdir} resumes it"))

@@ -51,16 +51,16 @@ def check_run_kind(workdir: str, method) -> None:
                                        "use a new --workdir")
 
 
-def train_run(method, config, workdir: str, mesh, data, progress: bool = True):
+def train_run(method, config, workdir: str, mesh, data, progress: bool = True, keep_items: bool = True):
     """Train `method` in `workdir` (resuming), after checking the directory holds no other run (every
     process checks: orbax's reads are collective); an ANN run keeps its base vectors once in
-    `workdir/items/`, so its checkpoints load as indexes without the data set."""
+    `workdir/items/` (unless not `keep_items`), so its checkpoints load as indexes without the data set."""
     from jaxidx.api import write_items
     from jaxidx.train.loop import check_run_dir
     check_run_kind(workdir, method)
     if not getattr(method, "stages", ()):
         check_run_dir(workdir, method, data.fingerprint())  # before the items are written
-    if data.task == "ann" and jax.process_index() == 0:
+    if keep_items and data.task == "ann" and jax.process_index() == 0:
         write_items(workdir, data)
     return fit_stages(method, config, workdir, mesh, data_fingerprint=data.fingerprint(), progress=progress)
 
