@@ -189,7 +189,9 @@ class Index:
     setting_keys: tuple = ()
 
     def __init__(self, config, params, arrays: dict[str, np.ndarray], info: dict):
-        self.config = config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
+        # Its own copy: changing an index's search settings never reaches the run that built it.
+        self.config = ml_collections.ConfigDict(config.to_dict() if isinstance(config, ml_collections.ConfigDict)
+                                                else config)
         self.config.lock()
         self.params = params
         self.arrays = arrays
