@@ -71,17 +71,22 @@ class Checkpointer:
                 self._skip(s, step, e)
         raise CheckpointError(f"no readable checkpoint in {self.workdir}/checkpoints")
 
-    def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[int, Any, dict]:
-        """Restore into the structure, dtypes and shardings of `abstract_state`.
-
-        Tries `step` (or the newest step, then older ones if it is corrupted).
-        """
+    def restore(self, target: Any, step: Optional[int] = None) -> tuple[int, Any, dict]:
+        """Restore a whole train state into `target`: a tree of the structure, dtypes and shardings to
+        restore into, or a function `(params_metadata, aux_metadata) -> tree` that builds it from each
+        step's own array metadata (so resuming needs no model init). Tries `step` (or the newest step,
+        then older ones if it is corrupted)."""
         for s in self._candidates(step):
             try:
+                if callable(target):
+                    tree = self._array_metadata(s)
+                    abstract_state = target(tree["state"]["params"], tree["aux"])
+                else:
+                    abstract_state = target
                 out = self._mngr.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
                 return s, out["state"], dict(out["meta"])
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 if isinstance(e, CheckpointError):
                     raise
                 self._skip(s, step, e)
@@ -104,23 +109,6 @@ class Checkpointer:
                         item=target, restore_args=args, partial_restore=True))
                 _, meta = self.read_meta(s)
                 return s, out["state"]["params"], dict(out["aux"]), meta
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                if isinstance(e, CheckpointError):
-                    raise
-                self._skip(s, step, e)
-        raise CheckpointError(f"no restorable checkpoint in {self.workdir}/checkpoints")
-
-    def restore_state(self, make_target, step: Optional[int] = None) -> tuple[int, Any, dict]:
-        """Restore a whole train state into `make_target(params_metadata, aux_metadata)`, built from the
-        step's own array metadata (shapes and dtypes), so resuming needs no model init. Falls back past
-        corrupted steps like `restore`."""
-        for s in self._candidates(step):
-            try:
-                tree = self._array_metadata(s)
-                target = make_target(tree["state"]["params"], tree["aux"])
-                out = self._mngr.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-                return s, out["state"], dict(out["meta"])
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 if isinstance(e, CheckpointError):
                     raise
@@ -153,15 +141,6 @@ class Checkpointer:
 
     def close(self) -> None:
         self._mngr.close()
-
-
-def abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings for jax arrays) describing `tree`, for restore."""
-    def leaf(a):
-        if isinstance(a, jax.Array):
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-        return a
-    return jax.tree.map(leaf, tree)
 
 
 def check_compatible(meta: dict, expected: dict, where: str) -> None:

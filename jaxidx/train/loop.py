@@ -118,7 +118,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
     phases = {"init_s": 0.0, "end_of_epoch_s": [], "step_ms": []}
     train_seconds = seconds_before
     if ckpt.steps():  # resume: shapes come from the checkpoint itself, so init (k-means, clustering) never runs
-        step, restored, meta = ckpt.restore_state(partial(_restore_target, tx, mesh, task.leaf_spec))
+        step, restored, meta = ckpt.restore(partial(_restore_target, tx, mesh, task.leaf_spec))
         state, aux = restored["state"], {k: np.asarray(v) for k, v in restored["aux"].items()}
         train_seconds = float(meta.get("train_seconds", 0.0))
         log.info("resumed %s from step %d (epoch %.2f)", workdir, step, step / spe)
