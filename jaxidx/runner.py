@@ -41,19 +41,14 @@ def check_run_kind(workdir: str, method) -> None:
         return
     staged = bool(getattr(method, "stages", ()))
     if staged == (found == workdir):
-        ckpt = ckpt_lib.Checkpointer(found, read_only=True)
-        try:
-            _, meta = ckpt.read_meta() if ckpt.steps() else (None, {})
-        finally:
-            ckpt.close()
-        other = meta.get("method", "other")
+        other = (ckpt_lib.newest_meta(found) or {}).get("method", "other")
         raise ckpt_lib.CheckpointError(f"{workdir}: holds a {other} run (method {other!r}), not {method.name!r}; "
                                        "use a new --workdir")
 
 
 def train_run(method, config, workdir: str, mesh, data, progress: bool = True, keep_items: bool = True):
-    """Train `method` in `workdir` (resuming), after checking the directory holds no other run (every
-    process checks: orbax's reads are collective); an ANN run keeps its base vectors once in
+    """Train `method` in `workdir` (resuming), after checking the directory holds no other run (from the
+    checkpoints' meta files, no orbax collective); an ANN run keeps its base vectors once in
     `workdir/items/` (unless not `keep_items`), so its checkpoints load as indexes without the data set."""
     from jaxidx.api import write_items
     from jaxidx.train.loop import check_run_dir

@@ -143,6 +143,22 @@ class Checkpointer:
         self._mngr.close()
 
 
+def newest_meta(workdir: str) -> Optional[dict]:
+    """The meta of the newest finished step under `workdir/checkpoints` that has readable meta, read as a
+    file: no orbax manager, so a check that each process of a multi-process run makes at its own moment
+    never enters one of orbax's collectives. None without checkpoints."""
+    import json
+    d = os.path.join(workdir, "checkpoints")
+    steps = sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True) if os.path.isdir(d) else []
+    for s in steps:
+        try:
+            with open(os.path.join(d, str(s), "meta", "metadata"), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):  # damaged: restoring falls back past it, with a warning
+            continue
+    return None
+
+
 def check_compatible(meta: dict, expected: dict, where: str) -> None:
     """Refuse a checkpoint whose recorded shapes/data differ from the current ones, naming the field."""
     for key, want in expected.items():

@@ -267,16 +267,9 @@ def check_run_dir(workdir: str, task: Trainable, fingerprint: str) -> None:
     """Refuse, before anything is read into memory or written, a `workdir` whose newest readable
     checkpoint is of another method, other data or other shapes (one message naming the field, the
     checkpoint's value and the new one). A directory without checkpoints passes."""
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        return
-    ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-    try:
-        if not ckpt.steps():
-            return
-        _, meta = ckpt.read_meta()
-    finally:
-        ckpt.close()
-    _check_meta(meta, task, fingerprint, workdir)
+    meta = ckpt_lib.newest_meta(workdir)
+    if meta is not None:
+        _check_meta(meta, task, fingerprint, workdir)
 
 
 def _check_meta(meta: dict, task: Trainable, fingerprint: str, workdir: str) -> None:
