@@ -232,13 +232,9 @@ class Index:
         return dict(self.config.search.settings[0])
 
     def resolve_setting(self, setting: dict) -> dict:
-        """The config's first search setting updated with `setting`; unknown keys and bad values are
-        ValueErrors naming them and the valid range."""
-        self._check_keys(setting)
-        out = {k: v for k, v in self.default_setting().items() if k in self.setting_keys}
-        out.update(setting)
-        self._check_setting(out)
-        return out
+        """The config's first search setting updated with `setting` (`query` validates the result: unknown
+        keys and bad values are ValueErrors naming them and the valid range)."""
+        return {**{k: v for k, v in self.default_setting().items() if k in self.setting_keys}, **setting}
 
     def _check_keys(self, setting: dict) -> None:
         unknown = sorted(set(setting) - set(self.setting_keys))

@@ -412,10 +412,14 @@ class IRLIIndex(Index):
         return SearchResult(ids=top, scores=score, n_candidates=np.full(len(top), len(self), np.int32))
 
     # --- add / remove (ANN) ---------------------------------------------------------------------
+    @functools.cached_property
+    def _logits_fn(self):
+        """Jitted (params, x) -> router logits, compiled once per index (not once per `add`)."""
+        return jax.jit(lambda p, b: self.model.apply(p, b)[1])
+
     def _logits(self, x: np.ndarray) -> np.ndarray:
         """Router logits [n, R, B] of vectors x."""
-        fn = jax.jit(lambda p, b: self.model.apply(p, b)[1])
-        out = [np.asarray(fn(self.params, self.model_input(b)))[:n]
+        out = [np.asarray(self._logits_fn(self.params, self.model_input(b)))[:n]
                for b, n in query_blocks(x, self.config.search.query_batch)]
         return np.concatenate(out) if out else np.zeros((0, self.n_reps, self.n_buckets), np.float32)
 
