@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from flax import traverse_util
 
 from jaxidx.data.types import KERNEL_METRIC, benchmark_distance
-from jaxidx.methods.common import SearchResult, check_queries
+from jaxidx.methods.common import SearchResult, check_queries, standardize
 from jaxidx.train import batches as B_
 from jaxidx.train.checkpoint import jsonable
 
@@ -266,6 +266,13 @@ class Index:
         self._check_keys(setting)
         self._check_setting(setting)
         return self._query(self._prepare(queries), setting, int(k))
+
+    def router_input(self, x: np.ndarray) -> np.ndarray:
+        """ANN vectors as the router was trained on them: standardised by the stored `input_center` /
+        `input_scale` (an index without them routes x as is); the exact re-rank keeps x."""
+        if "input_center" not in self.arrays:
+            return x
+        return standardize(x, self.arrays["input_center"], self.arrays["input_scale"])
 
     def _prepare(self, queries):
         raise NotImplementedError

@@ -352,9 +352,7 @@ class IRLIIndex(Index):
         if isinstance(x, dict):
             x = {k: x[k] for k in ("idx", "val")}
             return B_.densify_rows(x, self.dim) if not self.info["n_features"] else x
-        if "input_center" in self.arrays:
-            return standardize(x, self.arrays["input_center"], self.arrays["input_scale"])
-        return x
+        return self.router_input(x)
 
     def route(self, queries, m: int):
         """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device)."""

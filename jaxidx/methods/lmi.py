@@ -399,12 +399,6 @@ class LMIIndex(Index):
         x = dense_rows(queries, self.dim, what)
         return normalize_rows(x, what) if self.metric == "angular" else x
 
-    def router_input(self, x: np.ndarray) -> np.ndarray:
-        """Vectors as the networks were trained on them (standardised), the re-rank keeping x as is."""
-        if "input_center" not in self.arrays:
-            return x
-        return standardize(x, self.arrays["input_center"], self.arrays["input_scale"])
-
     def route(self, queries, n_probe: int) -> np.ndarray:
         """The n_probe non-empty leaves of largest path probability per query, best first, [Q, n_probe]
         (-1 where fewer leaves are non-empty)."""
