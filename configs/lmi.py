@@ -29,6 +29,8 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
     c.kmeans.n_iter = 20
     c.kmeans.max_points_per_centroid = 256  # each node's k-means fits a seeded sample of this x children (0 = all)
     c.kmeans.init_points_per_centroid = 32  # k-means++ seeds come from a sample of this x children (0 = all)
+    c.kmeans.balance = 0.0                  # > 0: a leaf holds at most this x the mean leaf size, in the k-means
+                                            # labels and when the networks place the base (0 = unbounded)
     c.train.node_batch_size = 0             # per-node batch below the root (0 = batch_size / nodes of the level)
     c.train.target_temperature = 0.02       # > 0: soft targets softmax(k-means score / T) over a node's children,
                                             # which teach the ranking of the runner-up buckets; 0 = hard labels

@@ -19,8 +19,8 @@ py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scor
 py::tuple topk_rows(const py::object& x, const py::object& k, const py::object& n_threads);
 
 py::tuple rerank_topk(const py::object& queries, const py::object& base, const py::object& cand_offsets,
-                      const py::object& cand_ids, const py::object& k, const py::object& metric,
-                      const py::object& n_threads);
+                      const py::object& cand_ids, const py::object& run_lens, const py::object& k,
+                      const py::object& metric, const py::object& n_threads);
 
 py::array balanced_assign(const py::object& candidates, const py::object& n_buckets, const py::object& order,
                           const py::object& capacity, const py::object& initial_counts, const py::object& n_choices,

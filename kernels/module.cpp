@@ -12,7 +12,7 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("n_items"), py::arg("n_threads"));
     m.def("topk_rows", &jaxidx::topk_rows, py::arg("x"), py::arg("k"), py::arg("n_threads"));
     m.def("rerank_topk", &jaxidx::rerank_topk, py::arg("queries"), py::arg("base"), py::arg("cand_offsets"),
-          py::arg("cand_ids"), py::arg("k"), py::arg("metric"), py::arg("n_threads"));
+          py::arg("cand_ids"), py::arg("run_lens"), py::arg("k"), py::arg("metric"), py::arg("n_threads"));
     m.def("balanced_assign", &jaxidx::balanced_assign, py::arg("candidates"), py::arg("n_buckets"),
           py::arg("order"), py::arg("capacity"), py::arg("initial_counts"), py::arg("n_choices"),
           py::arg("n_threads"));

@@ -1,5 +1,7 @@
 // rerank_topk: exact distances from each query to its (deduplicated)
-// candidate base vectors, keeping the k nearest.
+// candidate base vectors, keeping the k nearest. Candidates are ids (padded or
+// CSR), or CSR runs of consecutive rows (bucket-contiguous layouts: no id list
+// to build and no per-row dedup, and the scan reads memory in order).
 //
 // Canonical reduction order, shared with reference.py and device.py: lane l
 // (0..7) sums term(i) for i = l, l + 8, l + 16, ... in increasing i, starting
@@ -159,16 +161,22 @@ ScanFn pick_scan(int metric) {
 }  // namespace
 
 py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, const py::object& cand_offsets_o,
-                      const py::object& cand_ids_o, const py::object& k_o, const py::object& metric_o,
-                      const py::object& n_threads) {
+                      const py::object& cand_ids_o, const py::object& run_lens_o, const py::object& k_o,
+                      const py::object& metric_o, const py::object& n_threads) {
     py::array q_a = require_array<float>(queries_o, "queries", 2);
     py::array x_a = require_array<float>(base_o, "base", 2);
     const int64_t Q = q_a.shape(0), d = q_a.shape(1), N = x_a.shape(0);
     require_shape(x_a, "base", 1, d, "queries' dimension");
     if (N > INT32_MAX) fail("base", "more than 2^31 - 1 rows");
-    const bool padded = cand_offsets_o.is_none();
-    const char* ids_name = padded ? "candidates" : "cand_ids";
+    const bool padded = cand_offsets_o.is_none(), runs = !run_lens_o.is_none();
+    if (padded && runs) fail("run_lens", "runs need cand_offsets");
+    const char* ids_name = padded ? "candidates" : runs ? "run_starts" : "cand_ids";
     py::array ids_a = require_array<int32_t>(cand_ids_o, ids_name, padded ? 2 : 1);
+    py::array lens_a;
+    if (runs) {
+        lens_a = require_array<int32_t>(run_lens_o, "run_lens", 1);
+        require_shape(lens_a, "run_lens", 0, ids_a.shape(0), "one length per run start");
+    }
     std::vector<int64_t> offsets(static_cast<size_t>(Q) + 1);
     if (padded) {
         require_shape(ids_a, "candidates", 0, Q, "one row per query");
@@ -197,6 +205,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
     const float* qs = data_of<float>(q_a);
     const float* base = data_of<float>(x_a);
     const int32_t* cand = data_of<int32_t>(ids_a);
+    const int32_t* lens = runs ? data_of<int32_t>(lens_a) : nullptr;
     const int64_t T = ids_a.size();
 
     py::array_t<int32_t> ids_o({Q, k}), nuniq_o(Q);
@@ -207,29 +216,40 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
     {
         py::gil_scoped_release release;
         if (offsets[0] != 0) fail("cand_offsets", "cand_offsets[0] must be 0");
-        int64_t max_per_query = 0;
         for (int64_t q = 0; q < Q; ++q) {
             if (offsets[q + 1] < offsets[q]) fail("cand_offsets", "must be non-decreasing");
-            max_per_query = std::max(max_per_query, offsets[q + 1] - offsets[q]);
         }
-        if (offsets[Q] > T) fail("cand_offsets", "cand_offsets[Q] exceeds the length of cand_ids");
+        if (offsets[Q] > T) fail("cand_offsets", std::string("cand_offsets[Q] exceeds the length of ") + ids_name);
         for (int64_t i = 0; i < offsets[Q]; ++i) {
-            if (cand[i] < -1 || cand[i] >= N) {
-                fail(ids_name, "id " + std::to_string(cand[i]) + " out of range [-1, N=" + std::to_string(N) + ")");
+            if (runs && lens[i] < 0) fail("run_lens", "length " + std::to_string(lens[i]) + " < 0");
+            if (runs ? (cand[i] < 0 || int64_t{cand[i]} + lens[i] > N) : (cand[i] < -1 || cand[i] >= N)) {
+                fail(ids_name, runs ? "run [" + std::to_string(cand[i]) + ", +" + std::to_string(lens[i]) +
+                                          ") out of range [0, N=" + std::to_string(N) + ")"
+                                    : "id " + std::to_string(cand[i]) + " out of range [-1, N=" + std::to_string(N) + ")");
             }
+        }
+        int64_t max_per_query = 0;
+        for (int64_t q = 0; q < Q; ++q) {
+            int64_t n = offsets[q + 1] - offsets[q];
+            if (runs) {
+                n = 0;
+                for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) n += lens[i];
+            }
+            max_per_query = std::max(max_per_query, n);
         }
         const ScanFn scan = pick_scan(metric);
         const int64_t dpad = (d + 7) / 8 * 8;
         struct Scratch {
             ZeroPool<uint8_t>::Lease seen;
             std::vector<int32_t> unique;
+            std::vector<std::pair<int32_t, int32_t>> spans;  // runs as [begin, end), sorted
             std::vector<float> qpad;
             TopK top{false};
             explicit Scratch(size_t n) : seen(n) {}
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {
-            scratch.emplace_back(new Scratch(static_cast<size_t>(N)));
+            scratch.emplace_back(new Scratch(runs ? 0 : static_cast<size_t>(N)));  // runs need no seen marks
             scratch.back()->unique.reserve(static_cast<size_t>(std::min(max_per_query, N)));
             scratch.back()->qpad.assign(static_cast<size_t>(dpad), 0.0f);
             scratch.back()->top.reserve(static_cast<size_t>(std::min(k, std::min(max_per_query, N))));
@@ -239,14 +259,27 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
             uint8_t* seen = s.seen.get();
             for (int64_t q = q0; q < q1; ++q) {
                 s.unique.clear();
-                for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) {
-                    const int32_t c = cand[i];
-                    if (c >= 0 && !seen[c]) {
-                        seen[c] = 1;
-                        s.unique.push_back(c);
+                if (runs) {  // rows of the runs in order of their start, overlaps once
+                    s.spans.clear();
+                    for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) {
+                        if (lens[i] > 0) s.spans.emplace_back(cand[i], cand[i] + lens[i]);
                     }
+                    std::sort(s.spans.begin(), s.spans.end());
+                    int32_t done = 0;
+                    for (const auto& [b, e] : s.spans) {
+                        for (int32_t c = std::max(b, done); c < e; ++c) s.unique.push_back(c);
+                        done = std::max(done, e);
+                    }
+                } else {
+                    for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) {
+                        const int32_t c = cand[i];
+                        if (c >= 0 && !seen[c]) {
+                            seen[c] = 1;
+                            s.unique.push_back(c);
+                        }
+                    }
+                    for (int32_t c : s.unique) seen[c] = 0;
                 }
-                for (int32_t c : s.unique) seen[c] = 0;
                 const float* qv = qs + q * d;
                 std::copy(qv, qv + d, s.qpad.begin());
                 const float qnorm = metric == kCosine ? std::sqrt(dot_portable(qv, qv, d)) : 0.0f;

@@ -226,6 +226,31 @@ def test_rerank_every_dimension_matches_reference(d, metric):
                                                                                            metric))
 
 
+@pytest.mark.parametrize("d", [1, 9, 50])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_rerank_runs_match_ids_and_reference(d, metric):
+    """Candidates as runs of consecutive rows (overlapping, empty and repeated runs) give the same
+    results as the same rows listed as ids, in the C++ kernel and the reference."""
+    rng = np.random.default_rng(d)
+    base = rng.standard_normal((60, d), dtype=f32)
+    queries = rng.standard_normal((5, d), dtype=f32)
+    run_offsets = np.array([0, 3, 3, 4, 7, 9], np.int64)
+    starts = rng.integers(0, 50, 9).astype(i32)
+    lens = rng.integers(0, 11, 9).astype(i32)
+    lens[0] = 0
+    starts[5] = starts[4]  # a repeated run counts once
+    lens[5] = lens[4]
+    runs = (run_offsets, starts, lens)
+    ids = [np.concatenate([np.arange(a, a + n) for a, n in zip(starts[run_offsets[q]:run_offsets[q + 1]],
+                                                                 lens[run_offsets[q]:run_offsets[q + 1]])]
+                          + [np.zeros(0, int)]) for q in range(5)]
+    csr = (np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64),
+           np.concatenate(ids).astype(i32))
+    got = host.rerank_topk(queries, base, runs, 8, metric)
+    assert_same(got, reference.rerank_topk(queries, base, runs, 8, metric))
+    assert_same(got, host.rerank_topk(queries, base, csr, 8, metric))
+
+
 def test_rerank_portable_path_matches_reference():
     """The non-AVX2 distance loop (forced with JAXIDX_NO_AVX2) gives the same bits."""
     code = """
@@ -411,6 +436,17 @@ RERANK_BAD = {
     "metric": ["dot"],
     "n_threads": [-3],
 }
+RUN_OFFSETS = np.array([0, 1, 2], np.int64)
+RUN_STARTS = np.array([0, 3], i32)
+RUN_LENS = np.array([2, 3], i32)
+RERANK_RUNS_BAD = {
+    "run_starts": [(RUN_OFFSETS, np.array([0, 4], i32), RUN_LENS), (RUN_OFFSETS, np.array([-1, 3], i32), RUN_LENS),
+                   (RUN_OFFSETS, RUN_STARTS.astype(np.int64), RUN_LENS)],
+    "run_lens": [(RUN_OFFSETS, RUN_STARTS, np.array([-1, 3], i32)), (RUN_OFFSETS, RUN_STARTS, RUN_LENS[:1]),
+                 (RUN_OFFSETS, RUN_STARTS, RUN_LENS.astype(np.int64))],
+    "cand_offsets": [(np.array([0, 2, 1], np.int64), RUN_STARTS, RUN_LENS),
+                     (np.array([0, 1, 3], np.int64), RUN_STARTS, RUN_LENS)],
+}
 
 
 @pytest.mark.parametrize("backend", ["host", "reference"])
@@ -419,6 +455,13 @@ def test_rerank_validation(backend, name, bad):
     key = "candidates" if name.startswith("cand_") else name
     with pytest.raises(ValueError, match=name):
         BACKENDS[backend].rerank_topk(**rerank_case(**{key: bad}))
+
+
+@pytest.mark.parametrize("backend", ["host", "reference"])
+@pytest.mark.parametrize("name,bad", [(n, v) for n, vs in RERANK_RUNS_BAD.items() for v in vs])
+def test_rerank_runs_validation(backend, name, bad):
+    with pytest.raises(ValueError, match=name):
+        BACKENDS[backend].rerank_topk(**rerank_case(candidates=bad))
 
 
 @pytest.mark.parametrize("backend", ["host", "reference"])

@@ -10,7 +10,8 @@ import pytest
 import jaxidx
 from helpers import assert_same_params, crash_and_resume, load_config, run_python
 from jaxidx.data import load
-from jaxidx.methods.lmi import (LMIIndex, candidate_ranges, centroid_targets, leaf_log_probs, node_loss,
+from jaxidx.search import reference
+from jaxidx.methods.lmi import (LMIIndex, candidate_runs, centroid_targets, leaf_log_probs, node_loss,
                                 repair_empty, select_leaves)
 from jaxidx.runner import build, evaluate_checkpoint, train_and_evaluate
 from jaxidx.train.loop import fit
@@ -52,15 +53,19 @@ def test_repair_empty_moves_kmeans_points_back():
     assert moved == 0
 
 
-def test_candidate_ranges_and_budget():
+def test_candidate_runs_and_budget():
     sizes = np.array([3, 0, 2, 4])
     offsets = np.array([0, 3, 3, 5, 9])
     leaves = np.array([[2, 0, -1], [3, 2, 0]], np.int32)
     lens = select_leaves(sizes, leaves)
     np.testing.assert_array_equal(lens, [[2, 3, 0], [4, 2, 3]])
-    off, ids = candidate_ranges(offsets, leaves, lens)
-    np.testing.assert_array_equal(off, [0, 5, 14])
-    np.testing.assert_array_equal(ids, [3, 4, 0, 1, 2, 5, 6, 7, 8, 3, 4, 0, 1, 2])
+    off, starts, run_lens = candidate_runs(offsets, leaves, lens)
+    np.testing.assert_array_equal(off, [0, 3, 6])
+    np.testing.assert_array_equal(starts, [3, 0, 0, 5, 3, 0])
+    np.testing.assert_array_equal(run_lens, [2, 3, 0, 4, 2, 3])
+    # The kernel sees the rows of the visited leaves (in row order), each once.
+    rows = reference._candidate_rows((off, starts, run_lens), 2, 9)
+    assert [sorted(r) for r in rows] == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
     # Budget 5: leaves are taken while fewer than 5 candidates are gathered (the first always).
     np.testing.assert_array_equal(select_leaves(sizes, leaves, 5), [[2, 3, 0], [4, 2, 0]])
     np.testing.assert_array_equal(select_leaves(sizes, leaves, 1), [[2, 0, 0], [4, 0, 0]])

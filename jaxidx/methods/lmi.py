@@ -22,7 +22,7 @@ Search visits leaves in descending path probability (empty leaves skipped)
 until `n_probe` leaves are visited or `max_candidates` are gathered, then
 re-ranks the candidates exactly (inner product for angular data) with
 `rerank_topk`. Base vectors are stored contiguous per leaf, so a probe is a
-contiguous scan; results are original ids.
+contiguous scan, passed to the kernel as a run of rows; results are original ids.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.sparse
 from jax.sharding import PartitionSpec as P
 
 from jaxidx import kmeans as km
@@ -104,17 +105,14 @@ def select_leaves(sizes: np.ndarray, leaves: np.ndarray, max_candidates: int = 0
     return lens
 
 
-def candidate_ranges(offsets: np.ndarray, leaves: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR (cand_offsets [Q+1] int64, cand_ids int32) of the layout rows of each query's visited leaves:
-    leaf b's rows are offsets[b]:offsets[b+1], so the ids are runs of consecutive rows."""
-    flat = lens.ravel()
-    cand_offsets = np.zeros(lens.shape[0] + 1, np.int64)
-    np.cumsum(lens.sum(1), out=cand_offsets[1:])
-    run_start = np.cumsum(flat) - flat
-    shift = (offsets[np.maximum(leaves, 0)].ravel() - run_start).astype(np.int32)
-    ids = np.arange(int(cand_offsets[-1]), dtype=np.int32)
-    ids += np.repeat(shift, flat)
-    return cand_offsets, ids
+def candidate_runs(offsets: np.ndarray, leaves: np.ndarray, lens: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR runs (run_offsets [Q+1] int64, run_starts int32, run_lens int32) of the layout rows of each
+    query's visited leaves for `rerank_topk`: leaf b's rows are offsets[b]:offsets[b+1], one run per
+    ranked leaf (length 0 where not visited), so no candidate id list is ever built."""
+    q, p = lens.shape
+    run_offsets = np.arange(0, q * p + 1, p, dtype=np.int64)
+    return run_offsets, offsets[np.maximum(leaves, 0)].astype(np.int32).ravel(), lens.astype(np.int32).ravel()
 
 
 def repair_empty(leaf: np.ndarray, kmeans_leaf: np.ndarray, n_leaves: int) -> tuple[np.ndarray, int]:
@@ -127,8 +125,10 @@ def repair_empty(leaf: np.ndarray, kmeans_leaf: np.ndarray, n_leaves: int) -> tu
 
 # --- k-means tree ----------------------------------------------------------------------------------
 def kmeans_tree(x: np.ndarray, levels, *, spherical: bool, n_iter: int, init: str, max_points_per_centroid: int,
-                init_points_per_centroid: int, seed: int, mesh=None) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Hierarchical k-means: each node's points are clustered into `levels[l]` children.
+                init_points_per_centroid: int, seed: int, balance: float = 0.0,
+                mesh=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Hierarchical k-means: each node's points are clustered into `levels[l]` children (each child
+    holding at most `balance` x the node's mean child size, when balance > 0).
 
     Returns labels [depth, N] (each point's node id at depth l+1, mixed-radix as in
     `leaf_log_probs`) and the centroids of each level [n_l, C_l, d]. A node with
@@ -151,7 +151,7 @@ def kmeans_tree(x: np.ndarray, levels, *, spherical: bool, n_iter: int, init: st
                 continue
             r = km.kmeans(x[idx], C, n_iter=n_iter, init=init, spherical=spherical,
                           sample=max_points_per_centroid * C, init_sample=init_points_per_centroid * C,
-                          seed=(seed * 1_000_003 + lvl * 10_007 + j) % (2**31), mesh=mesh)
+                          seed=(seed * 1_000_003 + lvl * 10_007 + j) % (2**31), balance=balance, mesh=mesh)
             child[idx] = r.labels
             cents[j] = r.centroids
         node = node * C + child
@@ -177,6 +177,9 @@ def validate_config(config, data) -> None:
     for name in ("n_iter", "max_points_per_centroid", "init_points_per_centroid"):
         if config.kmeans[name] < 0:
             raise ValueError(f"kmeans.{name}: must be >= 0, got {config.kmeans[name]}")
+    if config.kmeans.balance and config.kmeans.balance < 1:
+        raise ValueError(f"kmeans.balance: must be 0 (unbounded) or >= 1 (max leaf / mean leaf size), "
+                         f"got {config.kmeans.balance}")
     if t.target_temperature < 0:
         raise ValueError(f"train.target_temperature: must be >= 0 (0 = hard labels), got {t.target_temperature}")
     if t.node_batch_size < 0:
@@ -229,7 +232,7 @@ class LMI:
             labels, cents = kmeans_tree(self.x, self.levels, spherical=self.spherical, n_iter=k.n_iter, init=k.init,
                                         max_points_per_centroid=k.max_points_per_centroid,
                                         init_points_per_centroid=k.init_points_per_centroid, seed=self.config.seed,
-                                        mesh=self.mesh)
+                                        balance=k.balance, mesh=self.mesh)
             self._set_tree(labels)
             self._centroids = cents
             log.info("k-means tree %s: leaf sizes %s", list(self.levels), _size_stats(self._sizes[-1]))
@@ -301,7 +304,8 @@ class LMI:
     def assign_leaves(self, params, tree_labels: np.ndarray) -> np.ndarray:
         """Leaf of largest path probability for every base vector (see `place_vectors`)."""
         return place_vectors(self.leaf_logp, params, self.x, self.config.search.query_batch,
-                             tree_labels[-1] if self.config.index.repair_empty else None, self.n_leaves)
+                             tree_labels[-1] if self.config.index.repair_empty else None, self.n_leaves,
+                             leaf_capacity(self.config, len(self.x)))
 
     def index(self, params, aux) -> "LMIIndex":
         return LMIIndex.from_training(self.config, params, aux, self.data.base,
@@ -331,11 +335,22 @@ def leaf_log_probs_of(models, params, x: jax.Array) -> jax.Array:
     return leaf_log_probs([model.apply({"params": params[f"level{lvl}"]}, x)[1] for lvl, model in enumerate(models)])
 
 
-def place_vectors(logp_fn, params, x: np.ndarray, block: int, kmeans_leaf=None, n_leaves: int = 0) -> np.ndarray:
-    """Leaf of largest path probability for every vector of x; with `kmeans_leaf`, a leaf nobody is
-    routed to takes back the points k-means put in it (`repair_empty`)."""
-    leaf = np.concatenate([np.asarray(_best_leaf(logp_fn, params, c))[:n] for c, n in query_blocks(x, block)]
-                          ).astype(np.int32) if len(x) else np.zeros(0, np.int32)
+def leaf_capacity(config, n: int) -> int:
+    """Most base vectors a leaf may hold when placed (`kmeans.balance` x the mean; 0 = unbounded)."""
+    return km.capacity_of(n, math.prod(int(c) for c in config.model.levels), config.kmeans.balance)
+
+
+def place_vectors(logp_fn, params, x: np.ndarray, block: int, kmeans_leaf=None, n_leaves: int = 0,
+                  capacity: int = 0) -> np.ndarray:
+    """Leaf of largest path probability for every vector of x, or with a `capacity`, its most probable
+    leaf that is not full (`kmeans.capped_assign` over its 16 most probable); with `kmeans_leaf`, a leaf
+    nobody is routed to takes back the points k-means put in it (`repair_empty`)."""
+    if not len(x):
+        return np.zeros(0, np.int32)
+    m = min(16, n_leaves) if capacity else 1
+    top = [tuple(np.asarray(a)[:n] for a in _best_leaves(logp_fn, params, c, m)) for c, n in query_blocks(x, block)]
+    prefs, margin = np.concatenate([t[0] for t in top]), np.concatenate([t[1] for t in top])
+    leaf = km.capped_assign(prefs, margin, n_leaves, capacity)
     if kmeans_leaf is not None:
         leaf, moved = repair_empty(leaf, np.asarray(kmeans_leaf), n_leaves)
         if moved:
@@ -352,7 +367,8 @@ class LMIIndex(Index):
     """
 
     method, task = "lmi", "ann"
-    setting_keys = ("n_probe", "max_candidates")
+    setting_keys = ("n_probe", "max_candidates", "route")
+    ROUTES = ("learned", "centroids")
 
     def __init__(self, config, params, arrays, info):
         super().__init__(config, params, arrays, info)
@@ -360,6 +376,7 @@ class LMIIndex(Index):
         self.n_leaves = math.prod(int(c) for c in self.config.model.levels)
         self._logp = partial(leaf_log_probs_of, tuple(self.models))
         self.params = jax.device_put(self.params)
+        self._centroids = None  # leaf means, for route="centroids" (computed on first use)
 
     @classmethod
     def from_training(cls, config, params, aux, vectors: np.ndarray, info: dict) -> "LMIIndex":
@@ -372,7 +389,8 @@ class LMIIndex(Index):
             logp = partial(leaf_log_probs_of, tuple(router_models(config)))
             x = standardize(vectors, scaling["input_center"], scaling["input_scale"]) if scaling else vectors
             leaf = place_vectors(logp, jax.device_put(params), x, config.search.query_batch,
-                                 np.asarray(aux["labels"])[-1] if config.index.repair_empty else None, n_leaves)
+                                 np.asarray(aux["labels"])[-1] if config.index.repair_empty else None, n_leaves,
+                                 leaf_capacity(config, len(x)))
         part = Partition.from_assignment(leaf[None], n_leaves)
         arrays = {"offsets": part.offsets, "ids": part.members[0].astype(np.int64),
                   "vectors": np.ascontiguousarray(vectors[part.members[0]], np.float32), **scaling}
@@ -394,20 +412,40 @@ class LMIIndex(Index):
         budget = setting.get("max_candidates", 0)
         if not is_int(budget) or budget < 0:
             raise ValueError(f"search: max_candidates={budget!r} must be an integer >= 0 (0 = no budget)")
+        if setting.get("route", "learned") not in self.ROUTES:
+            raise ValueError(f"search: route={setting['route']!r} must be one of {', '.join(self.ROUTES)}")
 
     def _prepare(self, queries, what: str = "queries") -> np.ndarray:
         x = dense_rows(queries, self.dim, what)
         return normalize_rows(x, what) if self.metric == "angular" else x
 
-    def route(self, queries, n_probe: int) -> np.ndarray:
-        """The n_probe non-empty leaves of largest path probability per query, best first, [Q, n_probe]
-        (-1 where fewer leaves are non-empty)."""
-        return np.concatenate([leaves for _, leaves in self._route_blocks(self._prepare(queries), n_probe)])
+    def route(self, queries, n_probe: int, route: str = "learned") -> np.ndarray:
+        """The n_probe non-empty leaves of largest path probability per query (or, route="centroids",
+        nearest leaf mean, as IVF routes), best first, [Q, n_probe] (-1 where fewer leaves are non-empty)."""
+        self._check_setting({"n_probe": n_probe, "route": route})
+        return np.concatenate([leaves for _, leaves in self._route_blocks(self._prepare(queries), n_probe, route)])
 
-    def _route_blocks(self, queries: np.ndarray, n_probe: int):
+    def leaf_means(self) -> np.ndarray:
+        """Mean of each leaf's vectors [L, d] (unit-normalised for angular data; 0 for empty leaves): the
+        centroids of route="centroids", which compares the learned router with k-means routing."""
+        if self._centroids is None:
+            sizes = self.sizes()
+            row_leaf = np.repeat(np.arange(self.n_leaves), sizes)
+            members = scipy.sparse.csr_matrix((np.ones(len(row_leaf), np.float32), (row_leaf, np.arange(len(row_leaf)))),
+                                              shape=(self.n_leaves, len(row_leaf)))
+            c = np.asarray(members @ self.arrays["vectors"]) / np.maximum(sizes, 1)[:, None]
+            if self.metric == "angular":
+                c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+            self._centroids = jnp.asarray(c, jnp.float32)
+        return self._centroids
+
+    def _route_blocks(self, queries: np.ndarray, n_probe: int, route: str = "learned"):
         nonempty = jnp.asarray(self.sizes() > 0)
         for chunk, n in query_blocks(queries, self.config.search.query_batch):
-            logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, self.router_input(chunk))
+            if route == "centroids":
+                logp, ids = _nearest_means(self.leaf_means(), nonempty, n_probe, chunk)
+            else:
+                logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, self.router_input(chunk))
             yield chunk[:n], np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32)
 
     def _query(self, queries, setting: dict, k: int) -> SearchResult:
@@ -416,8 +454,8 @@ class LMIIndex(Index):
         sizes, offsets = self.sizes(), self.arrays["offsets"][0]
         metric, ids_of = kernel_metric(self.metric), self.arrays["ids"]
         ids, dist, n_cand = [], [], []
-        for q, leaves in self._route_blocks(queries, setting["n_probe"]):
-            cand = candidate_ranges(offsets, leaves, select_leaves(sizes, leaves, setting.get("max_candidates", 0)))
+        for q, leaves in self._route_blocks(queries, setting["n_probe"], setting.get("route", "learned")):
+            cand = candidate_runs(offsets, leaves, select_leaves(sizes, leaves, setting.get("max_candidates", 0)))
             rows, d, n = kernels.rerank_topk(q, self.arrays["vectors"], cand, k, metric,
                                              self.config.search.n_threads)
             ids.append(np.where(rows >= 0, ids_of[np.maximum(rows, 0)], -1))
@@ -440,6 +478,7 @@ class LMIIndex(Index):
         self.arrays["offsets"] = _offsets_of(self.sizes() + np.bincount(leaf, minlength=self.n_leaves))
         self.info.update(n_items=len(self.arrays["ids"]), next_id=int(new_ids[-1]) + 1 if len(x) else
                          self.info["next_id"])
+        self._centroids = None
         return new_ids
 
     def remove(self, ids) -> None:
@@ -452,6 +491,7 @@ class LMIIndex(Index):
         self.arrays["ids"] = self.arrays["ids"][keep]
         self.arrays["offsets"] = _offsets_of(np.bincount(row_leaf[keep], minlength=self.n_leaves))
         self.info["n_items"] = len(self.arrays["ids"])
+        self._centroids = None
 
 
 LMI.index_type = LMIIndex
@@ -461,9 +501,17 @@ def _offsets_of(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)[None]
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _best_leaf(route, params, x):
-    return route(params, x).argmax(-1)
+@partial(jax.jit, static_argnums=(0, 3))
+def _best_leaves(route, params, x, m):
+    """The m most probable leaves of each row, best first, and the log-probability margin of the first."""
+    val, idx = jax.lax.top_k(route(params, x), m)
+    return idx, val[:, 0] - val[:, min(1, m - 1)]
+
+
+@partial(jax.jit, static_argnums=(2,))
+def _nearest_means(means, nonempty, n_probe, x):
+    score = 2.0 * x @ means.T - jnp.sum(means * means, -1)  # -|x - c|^2 + |x|^2 (unit means: 2 cos - 1)
+    return jax.lax.top_k(jnp.where(nonempty, score, -jnp.inf), n_probe)
 
 
 @partial(jax.jit, static_argnums=(0, 3))

@@ -39,13 +39,15 @@ def merge_candidates(bucket_ids, offsets, members, min_count=1, min_candidates=1
 
 
 def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):
-    """Exact k nearest candidates: (ids, dist, n_unique). `candidates` is a padded
-    int32 [Q, C] array or a CSR tuple (cand_offsets, cand_ids). See reference.rerank_topk."""
-    if isinstance(candidates, tuple):
-        cand_offsets, cand_ids = candidates
-    else:
-        cand_offsets, cand_ids = None, candidates
-    return _kernels.rerank_topk(queries, base, cand_offsets, cand_ids, k, metric, n_threads)
+    """Exact k nearest candidates: (ids, dist, n_unique). `candidates` is a padded int32 [Q, C]
+    array, a CSR tuple (cand_offsets, cand_ids) or CSR runs (run_offsets, run_starts, run_lens).
+    See reference.rerank_topk."""
+    if not isinstance(candidates, tuple):
+        candidates = (None, candidates)
+    if len(candidates) not in (2, 3):
+        raise ValueError("candidates: a [Q, C] array, (cand_offsets, cand_ids) or (run_offsets, run_starts, run_lens)")
+    offsets, ids, lens = (*candidates, None)[:3]
+    return _kernels.rerank_topk(queries, base, offsets, ids, lens, k, metric, n_threads)
 
 
 def topk_rows(x, k, n_threads=0):

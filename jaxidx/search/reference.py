@@ -241,7 +241,23 @@ def distances(queries, rows, metric):
 
 
 def _candidate_rows(candidates, Q, N):
-    """Per-query candidate id arrays from the padded or the CSR form, checked."""
+    """Per-query candidate id arrays from the padded, CSR or CSR-runs form, checked."""
+    if isinstance(candidates, tuple) and len(candidates) == 3:
+        run_offsets, starts, lens = candidates
+        check_array(starts, "run_starts", np.int32, 1)
+        check_array(lens, "run_lens", np.int32, 1)
+        check_axis(lens, "run_lens", 0, len(starts), "one length per run start")
+        _candidate_rows((run_offsets, np.zeros(len(starts), np.int32)), Q, 1)  # checks the offsets
+        used = slice(0, int(run_offsets[-1]))
+        s, n = starts[used].astype(np.int64), lens[used].astype(np.int64)
+        if (n < 0).any():
+            raise ValueError(f"run_lens: length {n[n < 0][0]} < 0")
+        if ((s < 0) | (s + n > N)).any():
+            j = int(np.flatnonzero((s < 0) | (s + n > N))[0])
+            raise ValueError(f"run_starts: run [{s[j]}, +{n[j]}) out of range [0, N={N})")
+        return [np.concatenate([np.arange(a, a + b, dtype=np.int32) for a, b in
+                                zip(s[run_offsets[q]:run_offsets[q + 1]], n[run_offsets[q]:run_offsets[q + 1]])]
+                               or [np.zeros(0, np.int32)]) for q in range(Q)]
     if isinstance(candidates, tuple):
         cand_offsets, cand_ids = candidates
         if not isinstance(cand_offsets, np.ndarray) or cand_offsets.dtype not in (np.int32, np.int64):
@@ -262,8 +278,10 @@ def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):
     """Exact k nearest candidates of each query.
 
     queries float32 [Q, d], base float32 [N, d]; candidates either padded int32
-    [Q, C] or CSR (cand_offsets int32/int64 [Q+1], cand_ids int32 [T]); -1 entries
-    are skipped in both forms and repeated ids count once. Returns (ids [Q, k],
+    [Q, C], CSR (cand_offsets int32/int64 [Q+1], cand_ids int32 [T]; -1 entries are
+    skipped) or CSR runs of consecutive rows (run_offsets int32/int64 [Q+1],
+    run_starts int32 [T], run_lens int32 [T]: query q's candidates are rows
+    s..s+n-1 of its runs); repeated ids count once in every form. Returns (ids [Q, k],
     dist [Q, k], n_unique [Q]), nearest first, padded with -1 / +inf.
     n_threads is unused.
     """
