@@ -127,6 +127,13 @@ def pow2_near(x: float) -> int:
     return max(2, 1 << round(math.log2(x)))
 
 
+def probe_sweep(n_buckets: int) -> list[int]:
+    """Buckets to probe for a recall sweep: 1, 2, 3, 4, 6, 8, 12, ... (each power of two and 1.5x it) up to
+    all n_buckets, so the setting that first reaches a recall is within 1.5x of the least that would."""
+    out = sorted({p for e in range(0, 31) for p in (1 << e, 3 << e >> 1) if 1 <= p <= n_buckets})
+    return out if out[-1] == n_buckets else out + [n_buckets]
+
+
 def budget_epochs(n_rows: int, batch_size: int, steps: int, multiple: int = 1) -> int:
     """Whole epochs covering at least `steps` batches of `batch_size` over `n_rows` rows, rounded up to a
     multiple of `multiple` (a fixed step budget for presets whose data grows with a scaling study)."""

@@ -25,7 +25,7 @@ from absl import flags, logging  # noqa: E402
 from jaxidx import bench, cli  # noqa: E402
 from jaxidx.evaluate import evaluate, format_results  # noqa: E402
 import jaxidx  # noqa: E402
-from jaxidx.config import apply_overrides  # noqa: E402
+from jaxidx.config import apply_overrides, probe_sweep  # noqa: E402
 from jaxidx.data import load  # noqa: E402
 
 flags.DEFINE_multi_string("workdir", None, "Run directories of trained indexes (one or more).")
@@ -33,7 +33,7 @@ flags.DEFINE_string("data", None, "Data spec override (default: each checkpoint'
 flags.DEFINE_multi_string("settings", [], 'Search settings override per --workdir, in the same order, JSON, '
                           'e.g. \'[{"m": 8, "min_count": 2}]\' (missing: the checkpoint\'s own).')
 flags.DEFINE_integer("threads", 1, "Cores for every method's search (the process is pinned).")
-flags.DEFINE_list("nprobe", "1,2,4,8,16,32,64,128", "faiss IVF-Flat nprobe sweep.")
+flags.DEFINE_list("nprobe", [str(p) for p in probe_sweep(4096)], "faiss IVF-Flat nprobe sweep (those <= nlist).")
 flags.DEFINE_list("ef", "10,20,40,80,160,320", "hnswlib ef sweep.")
 flags.DEFINE_bool("hnsw", True, "Include hnswlib (its build is the slowest part).")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
@@ -145,6 +145,13 @@ def run_suite() -> dict:
         rows, builds, data, _ = index_rows(wds, spec, tagged=False)
         lmi = next((jaxidx.load(wd) for wd in wds if "-lmi" in wd), None)
         nlist = (lmi or jaxidx.load(wds[0])).stats()["n_buckets"]
+        if lmi is not None:  # the same leaves routed by their means, as IVF routes: learned vs centroid routing
+            lmi.config.search.n_threads = FLAGS.threads
+            for r in evaluate(lmi, data, [dict(s, route="centroids") for s in lmi.config.search.settings
+                                          if "max_candidates" not in s], 10):
+                rows.append({"method": f"lmi-centroids (B {nlist})", "setting": {"n_probe": r["n_probe"]},
+                             **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
+                                                  "queries_per_second")}})
         prows, pbuilds = peer_rows(data, nlist)
         rows += prows
         summary = suite_summary(rows, spec, {**builds, **pbuilds})

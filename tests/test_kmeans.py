@@ -58,3 +58,31 @@ def test_sample_fit_labels_every_point_and_kmeanspp_beats_random_seeds():
         kmeans(x[:5], 10)
     with pytest.raises(ValueError, match="init"):
         kmeans(x, 3, init="forgy")
+
+
+def test_capped_assign_turns_away_the_least_confident():
+    from jaxidx.kmeans import capped_assign
+    prefs = np.array([[0, 1], [0, 1], [0, 2], [1, 2]], np.int32)
+    margin = np.array([0.5, 3.0, 0.1, 1.0])
+    # capacity 1, placed by margin: item 1 takes 0, item 3 takes 1, item 0 finds 0 and 1 full and goes to the
+    # least-filled cluster (2, the smaller id of the empty ones), item 2 finds 0 and 2 full and gets 3.
+    np.testing.assert_array_equal(capped_assign(prefs, margin, 4, 1), [2, 0, 3, 1])
+    np.testing.assert_array_equal(capped_assign(prefs, margin, 4, 0), [0, 0, 0, 1])  # unbounded: first choice
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("balance", [1.0, 1.5, 2.0])
+def test_balanced_kmeans_bounds_every_cluster(spherical, balance):
+    """Skewed data (one blob holds 70% of the points, as duplicates and bag-of-words rows make): plain
+    k-means makes a cluster far above the mean; balanced k-means holds each at ceil(balance n / k), in the
+    fit sample and in the labels of every point, and its objective stays near the free one."""
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=(2800, 8)) * 0.05 + 5, rng.normal(size=(1200, 8)) * 3]).astype(np.float32)
+    k = 20
+    free = kmeans(x, k, n_iter=10, spherical=spherical, seed=0)
+    assert np.bincount(free.labels, minlength=k).max() > 3 * len(x) / k
+    bal = kmeans(x, k, n_iter=10, spherical=spherical, seed=0, balance=balance, sample=3000)
+    assert np.bincount(bal.labels, minlength=k).max() <= np.ceil(balance * len(x) / k)
+    assert bal.n_capped > 0
+    with pytest.raises(ValueError, match="balance"):
+        kmeans(x, k, balance=0.5)

@@ -221,3 +221,24 @@ def test_load_and_resume_run_no_kmeans_and_load_reads_no_data(tree_run, monkeypa
     method, data, mesh = build(config)
     res = fit(method, config, wd, mesh, data_fingerprint=data.fingerprint(), progress=False)  # finished: resumes
     assert res.step == out["step"] and res.phases["init_s"] == 0.0
+
+
+def test_balanced_leaves_hold_the_capacity_and_centroid_routing(tmp_path):
+    """kmeans.balance bounds every leaf (k-means labels and the networks' placement) on skewed data
+    (Zipf cluster sizes); route="centroids" probes the leaves by their means, nearest first."""
+    data = load("synthetic-ann:n=3000,q=100,d=16,clusters=30,seed=2,zipf=1.5")
+    free = jaxidx.fit("lmi:tiny", data, progress=False)
+    index = jaxidx.fit("lmi:tiny", data, progress=False, kmeans__balance=1.5)
+    cap = int(np.ceil(1.5 * len(data.base) / index.n_leaves))
+    assert free.sizes().max() > cap >= index.sizes().max()
+    means = np.asarray(index.leaf_means())
+    q = data.queries[:20]
+    d2 = ((q[:, None] - means[None]) ** 2).sum(-1)
+    d2[:, index.sizes() == 0] = np.inf
+    np.testing.assert_array_equal(index.route(q, 3, "centroids"), np.argsort(d2, 1, kind="stable")[:, :3])
+    ids, _ = index.search(q, 10, n_probe=4, route="centroids")
+    assert (ids >= 0).all()
+    with pytest.raises(ValueError, match="route"):
+        index.search(q, 10, n_probe=4, route="kmeans")
+    index.add(data.base[:10])  # the means follow the layout
+    assert np.asarray(index.leaf_means()).shape == means.shape
