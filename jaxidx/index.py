@@ -245,27 +245,44 @@ class Index:
     def _check_setting(self, setting: dict) -> None:
         """Ranges of the method's settings (subclasses)."""
 
-    def search(self, queries, k: int = 10, **setting) -> tuple[np.ndarray, np.ndarray]:
+    BACKENDS = ("host", "device")
+
+    def search(self, queries, k: int = 10, *, backend: str = "host", **setting) -> tuple[np.ndarray, np.ndarray]:
         """The k best items per query: (ids int64 [n, k] (-1 where fewer than k exist), scores float32 [n, k]).
 
         ANN scores are distances, ascending: euclidean L2 distance, angular 1 - cos, dot -<q, x>.
         XMC scores are the method's label scores, descending (IRLI: summed bucket probability, or the
         summed logit with mode='mach'; ELIAS: path score x label probability).
         `setting`: the method's search keywords (`setting_keys`), defaulting to the config's first setting.
+        backend: 'host' (the C++ kernels) or 'device' (one jitted function per query block on the
+        accelerator, over the devices of `shard(mesh)`, else the first device); the same ids on tie-free data.
         """
-        res = self.query(queries, self.resolve_setting(setting), k)
+        res = self.query(queries, self.resolve_setting(setting), k, backend)
         scores = res.scores
         if self.task == "ann":
             scores = np.where(res.ids >= 0, benchmark_distance(scores, self.metric), np.inf).astype(np.float32)
         return res.ids.astype(np.int64), scores
 
-    def query(self, queries, setting: dict, k: int) -> SearchResult:
+    def query(self, queries, setting: dict, k: int, backend: str = "host") -> SearchResult:
         """One resolved setting: ids, scores (kernel form) and candidates per query (for evaluators)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"search: k must be an integer >= 1, got {k!r}")
+        if backend not in self.BACKENDS:
+            raise ValueError(f"search: backend={backend!r} must be one of {', '.join(self.BACKENDS)}")
         self._check_keys(setting)
         self._check_setting(setting)
-        return self._query(self._prepare(queries), setting, int(k))
+        run = self._query if backend == "host" else self._query_device
+        return run(self._prepare(queries), setting, int(k))
+
+    def shard(self, mesh=None) -> "Index":
+        """Split the stored items over the devices of `mesh` (default: every device of every process) for
+        backend='device'; returns the index."""
+        raise NotImplementedError(f"shard: the {self.method} {self.task.upper()} index has no device layout yet "
+                                  f"(LMI has one); search it with backend='host'")
+
+    def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
+        raise NotImplementedError(f"search: backend='device' is not built for the {self.method} {self.task.upper()} "
+                                  f"index yet (LMI has it); use backend='host'")
 
     def router_input(self, x: np.ndarray) -> np.ndarray:
         """ANN vectors as the router was trained on them: standardised by the stored `input_center` /

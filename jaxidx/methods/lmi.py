@@ -45,6 +45,7 @@ from jaxidx.index import Index, dense_rows, is_int, kernel_metric, query_blocks,
 from jaxidx.methods.common import SearchResult, input_standardizer, standardize, validate_common
 from jaxidx.models.router import MLP, RepeatedMLP
 from jaxidx.partition import Partition, bucket_stats
+from jaxidx.search.sharded import ShardedLayout, default_mesh
 from jaxidx.train import batches as B_
 from jaxidx.train import mesh as mesh_lib
 
@@ -377,6 +378,7 @@ class LMIIndex(Index):
         self._logp = partial(leaf_log_probs_of, tuple(self.models))
         self.params = jax.device_put(self.params)
         self._centroids = None  # leaf means, for route="centroids" (computed on first use)
+        self._layout = None  # ShardedLayout of backend="device" (built by shard, or on first use)
 
     @classmethod
     def from_training(cls, config, params, aux, vectors: np.ndarray, info: dict) -> "LMIIndex":
@@ -463,6 +465,35 @@ class LMIIndex(Index):
             n_cand.append(n)
         return SearchResult(ids=np.concatenate(ids), scores=np.concatenate(dist), n_candidates=np.concatenate(n_cand))
 
+    # --- device backend -------------------------------------------------------------------------
+    def shard(self, mesh=None) -> "LMIIndex":
+        self._layout = ShardedLayout(self.arrays["offsets"][0], self.arrays["vectors"], self.arrays["ids"], mesh)
+        self._layout_params = {}
+        return self
+
+    def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
+        """Routing, the leaves' rows and the exact top-k in one jitted function per query block, over
+        the shards of `shard(mesh)` (default: the first device); see `search.sharded`."""
+        if self._layout is None:
+            self.shard(default_mesh(jax.devices()[:1]))
+        layout, route = self._layout, setting.get("route", "learned")
+        n_probe, budget = setting["n_probe"], setting.get("max_candidates", 0)
+        if route not in self._layout_params:  # the router's inputs, replicated on the mesh once
+            self._layout_params[route] = layout.replicate(
+                (self.leaf_means() if route == "centroids" else self.params, self.sizes() > 0))
+        params, nonempty = self._layout_params[route]
+        route_fn = mean_scores if route == "centroids" else self._logp
+        capacity = layout.capacity(n_probe, budget)
+        ids, dist, n_cand = [], [], []
+        for chunk, n in query_blocks(queries, layout.block_size(capacity, self.config.search.query_batch)):
+            x_route = chunk if route == "centroids" else self.router_input(chunk)
+            out = layout.search(route_fn, params, nonempty, x_route, chunk, n_probe=n_probe, budget=budget, k=k,
+                                metric=kernel_metric(self.metric), capacity=capacity)
+            for acc, a in zip((ids, dist, n_cand), out):
+                acc.append(np.asarray(a)[:n])
+        return SearchResult(ids=np.concatenate(ids).astype(np.int64), scores=np.concatenate(dist),
+                            n_candidates=np.concatenate(n_cand))
+
     # --- add / remove ---------------------------------------------------------------------------
     def add(self, vectors) -> np.ndarray:
         """Place new vectors in the leaves the trained networks give them (no retraining); returns their
@@ -478,7 +509,7 @@ class LMIIndex(Index):
         self.arrays["offsets"] = _offsets_of(self.sizes() + np.bincount(leaf, minlength=self.n_leaves))
         self.info.update(n_items=len(self.arrays["ids"]), next_id=int(new_ids[-1]) + 1 if len(x) else
                          self.info["next_id"])
-        self._centroids = None
+        self._drop_device_state()
         return new_ids
 
     def remove(self, ids) -> None:
@@ -491,7 +522,13 @@ class LMIIndex(Index):
         self.arrays["ids"] = self.arrays["ids"][keep]
         self.arrays["offsets"] = _offsets_of(np.bincount(row_leaf[keep], minlength=self.n_leaves))
         self.info["n_items"] = len(self.arrays["ids"])
+        self._drop_device_state()
+
+    def _drop_device_state(self) -> None:
+        """After add / remove: the leaf means are recomputed, and a sharded layout is rebuilt on its mesh."""
         self._centroids = None
+        if self._layout is not None:
+            self.shard(self._layout.mesh)
 
 
 LMI.index_type = LMIIndex
@@ -508,10 +545,15 @@ def _best_leaves(route, params, x, m):
     return idx, val[:, 0] - val[:, min(1, m - 1)]
 
 
+def mean_scores(means: jax.Array, x: jax.Array) -> jax.Array:
+    """Leaf scores of route="centroids" [b, L]: -|x - mean|^2 up to a per-row constant (unit means of
+    angular data: 2 cos - 1)."""
+    return 2.0 * x @ means.T - jnp.sum(means * means, -1)
+
+
 @partial(jax.jit, static_argnums=(2,))
 def _nearest_means(means, nonempty, n_probe, x):
-    score = 2.0 * x @ means.T - jnp.sum(means * means, -1)  # -|x - c|^2 + |x|^2 (unit means: 2 cos - 1)
-    return jax.lax.top_k(jnp.where(nonempty, score, -jnp.inf), n_probe)
+    return jax.lax.top_k(jnp.where(nonempty, mean_scores(means, x), -jnp.inf), n_probe)
 
 
 @partial(jax.jit, static_argnums=(0, 3))

@@ -1,0 +1,141 @@
+"""Exact search of a bucket-contiguous index on devices: static shapes, items sharded over a mesh.
+
+`ShardedLayout` splits an index's rows over every device of a mesh: layout row i goes to shard
+i mod D, so each shard holds about 1/D of every bucket and a query's work is even across devices.
+Each shard keeps its own bucket-contiguous layout (offsets [B+1], vectors [n_max, d] with padded
+rows never read, and the item id of each row), and is placed on its device only (a process places
+only its own devices' shards, so the same code serves several hosts under `jax.distributed`).
+
+One search block is one jitted `shard_map`: every device routes the same queries to the same
+ranked buckets and decides which it visits from the global bucket sizes (so the visited set is the
+host kernel's, budget included), gathers its rows of those buckets into a static [Q, capacity] slab
+(capacity: the most rows one shard can visit for one query, rounded up so few shapes compile),
+computes exact distances in the canonical reduction order (`device.distances`: on CPU the C++
+kernel's bits), keeps its k best, and one all_gather + top-k merges the shards; the candidate count
+is a psum. Results equal the host backend's on tie-free data.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxidx.search.device import _rank_key, _take_top, distances
+
+SHARD = "shard"
+SLAB_FLOATS = 1 << 24  # floats of one block's gathered vectors (64 MiB): bounds the query block size
+
+
+def default_mesh(devices=None) -> Mesh:
+    """Every device (of every process), or the given ones, as a 1-D mesh with axis 'shard'."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (SHARD,))
+
+
+def runs_to_rows(starts: jax.Array, lens: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """The rows of each query's runs (starts, lens [Q, P]) in run order, padded to `capacity`:
+    (rows [Q, capacity], valid [Q, capacity]). Rows beyond a query's total are 0 and not valid."""
+    ends = jnp.cumsum(lens, axis=1)
+    slot = jnp.arange(capacity, dtype=ends.dtype)
+    run = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(ends)
+    run = jnp.minimum(run, lens.shape[1] - 1)
+    valid = slot[None] < ends[:, -1:]
+    row = jnp.take_along_axis(starts, run, 1) + slot[None] - jnp.take_along_axis(ends - lens, run, 1)
+    return jnp.where(valid, row, 0), valid
+
+
+class ShardedLayout:
+    """An index's bucket-contiguous rows split over a mesh (see the module docstring).
+
+    offsets [B+1] (bucket b's rows are offsets[b]:offsets[b+1]), vectors [N, d] float32 in that order,
+    ids [N] the item id of each row (below 2^31: device ids are int32)."""
+
+    def __init__(self, offsets: np.ndarray, vectors: np.ndarray, ids: np.ndarray, mesh: Mesh | None = None):
+        self.mesh = default_mesh() if mesh is None else mesh
+        self.axes = tuple(self.mesh.axis_names)
+        n_shards = self.mesh.devices.size
+        offsets = np.asarray(offsets, np.int64)
+        sizes = np.diff(offsets)
+        n, d = vectors.shape
+        if len(ids) and int(np.max(ids)) >= 2**31:
+            raise ValueError(f"shard: item ids must be below 2^31 on devices, the largest is {int(np.max(ids))}")
+        bucket = np.repeat(np.arange(len(sizes)), sizes)
+        shard_of_row = np.arange(n) % n_shards
+        local_sizes = np.stack([np.bincount(bucket[shard_of_row == s], minlength=len(sizes))
+                                for s in range(n_shards)])
+        n_max = max(1, int(local_sizes.sum(1).max()))
+        self.local_sizes = local_sizes  # [D, B], for the static capacity of a setting
+        self.global_sizes = sizes
+        self.n_items, self.dim = n, d
+        host = {"offsets": np.zeros((n_shards, len(sizes) + 1), np.int32),
+                "vectors": np.zeros((n_shards, n_max, d), np.float32),
+                "ids": np.full((n_shards, n_max), -1, np.int32)}
+        for s in range(n_shards):
+            rows = np.flatnonzero(shard_of_row == s)
+            host["offsets"][s, 1:] = np.cumsum(local_sizes[s])
+            host["vectors"][s, :len(rows)] = vectors[rows]
+            host["ids"][s, :len(rows)] = ids[rows]
+        split = NamedSharding(self.mesh, P(self.axes))
+        self.arrays = {k: jax.make_array_from_callback(v.shape, split, lambda i, v=v: v[i]) for k, v in host.items()}
+        self.sizes = self.replicate(sizes.astype(np.int32))
+
+    def replicate(self, tree):
+        """Host or device arrays (router parameters, bucket masks) copied to every device of the mesh."""
+        rep = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), rep, lambda i, a=np.asarray(a): a[i]),
+                            tree)
+
+    def device_bytes(self) -> int:
+        """Bytes of the layout on each device (its shard of the offsets, vectors and ids)."""
+        return sum(int(a.addressable_shards[0].data.nbytes) for a in self.arrays.values())
+
+    def capacity(self, n_probe: int, budget: int = 0) -> int:
+        """Static slab width for a setting: the most rows a shard can visit for one query (its n_probe
+        largest buckets; with a budget, at most budget + the largest bucket - 1), rounded up to 256."""
+        top = np.sort(self.local_sizes, axis=1)[:, ::-1][:, :n_probe].sum(1).max(initial=0)
+        if budget:
+            top = min(top, budget + int(self.global_sizes.max(initial=1)) - 1)
+        return max(256, -(-int(top) // 256) * 256)
+
+    def block_size(self, capacity: int, largest: int) -> int:
+        """Queries per block: a power of two keeping the gathered slab under SLAB_FLOATS, at most `largest`."""
+        fit = max(1, SLAB_FLOATS // (capacity * max(self.dim, 8)))
+        return max(1, min(largest, 1 << int(math.log2(fit))))
+
+    def search(self, route_fn, route_params, nonempty, x_route, x, *, n_probe: int, budget: int, k: int,
+               metric: str, capacity: int):
+        """One block of queries (host arrays, the same rows on every device): (ids [Q, k] int32, -1 = none;
+        dist [Q, k]; n_candidates [Q]). route_fn(route_params, x_route) -> bucket scores [Q, B]."""
+        fn = _search_fn(self.mesh, self.axes, route_fn, n_probe, budget, k, metric, capacity)
+        x_route, x = self.replicate((np.asarray(x_route, np.float32), np.asarray(x, np.float32)))
+        return fn(route_params, nonempty, self.sizes, self.arrays["offsets"], self.arrays["vectors"],
+                  self.arrays["ids"], x_route, x)
+
+
+@functools.lru_cache(maxsize=64)
+def _search_fn(mesh, axes, route_fn, n_probe, budget, k, metric, capacity):
+    def local(route_params, nonempty, gsizes, offsets, vectors, ids, x_route, x):
+        offsets, vectors, ids = offsets[0], vectors[0], ids[0]
+        score, leaves = jax.lax.top_k(jnp.where(nonempty, route_fn(route_params, x_route), -jnp.inf), n_probe)
+        visit = jnp.isfinite(score)
+        leaves = jnp.where(visit, leaves, 0)
+        if budget:  # buckets best first while fewer than `budget` rows are gathered (globally), the first always
+            glens = jnp.where(visit, gsizes[leaves], 0)
+            before = jnp.cumsum(glens, axis=1) - glens
+            visit &= (jnp.arange(n_probe) == 0)[None] | (before < budget)
+        starts = offsets[leaves]
+        lens = jnp.where(visit, offsets[leaves + 1] - starts, 0)
+        rows, valid = runs_to_rows(starts, lens, capacity)
+        dist = distances(x[:, None, :], vectors[rows], metric)
+        top_ids, top_dist = _take_top(_rank_key(-dist, valid), k, [(ids[rows], -1), (dist, jnp.inf)])
+        all_ids = jax.lax.all_gather(top_ids, axes, axis=1, tiled=True)  # [Q, D * k]
+        all_dist = jax.lax.all_gather(top_dist, axes, axis=1, tiled=True)
+        out_ids, out_dist = _take_top(_rank_key(-all_dist, all_ids >= 0), k, [(all_ids, -1), (all_dist, jnp.inf)])
+        return out_ids, out_dist, jax.lax.psum(lens.sum(1), axes)
+
+    split = P(axes)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), split, split, split, P(), P()),
+                                 out_specs=(P(), P(), P()), check_vma=False))
