@@ -47,6 +47,7 @@ setup(
     ],
     extras_require={
         "bench": ["faiss-cpu>=1.8", "hnswlib>=0.8", "matplotlib>=3.8", "scikit-learn>=1.4"],
+        "cuda12": ["jax[cuda12]"],  # NVIDIA GPUs: backend='device' and training on the GPU
         "test": [
             "pytest>=8", "hypothesis>=6.100", "faiss-cpu>=1.8", "hnswlib>=0.8",
             "matplotlib>=3.8", "scikit-learn>=1.4", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6",

@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from flax import traverse_util
 
 from jaxidx.data.types import KERNEL_METRIC, benchmark_distance
-from jaxidx.methods.common import SearchResult, check_queries, standardize
+from jaxidx.methods.common import BACKENDS, SearchResult, check_queries, standardize
 from jaxidx.train import batches as B_
 from jaxidx.train.checkpoint import jsonable
 
@@ -234,42 +234,43 @@ class Index:
     def resolve_setting(self, setting: dict) -> dict:
         """The config's first search setting updated with `setting` (`query` validates the result: unknown
         keys and bad values are ValueErrors naming them and the valid range)."""
-        return {**{k: v for k, v in self.default_setting().items() if k in self.setting_keys}, **setting}
+        return {**{k: v for k, v in self.default_setting().items() if k in self.setting_keys + ("backend",)},
+                **setting}
 
     def _check_keys(self, setting: dict) -> None:
-        unknown = sorted(set(setting) - set(self.setting_keys))
+        unknown = sorted(set(setting) - set(self.setting_keys) - {"backend"})
         if unknown:
             raise ValueError(f"search: unknown setting {', '.join(map(repr, unknown))}; valid for {self.method}: "
-                             f"{', '.join(self.setting_keys)}")
+                             f"{', '.join(self.setting_keys)}, backend")
 
     def _check_setting(self, setting: dict) -> None:
         """Ranges of the method's settings (subclasses)."""
 
-    BACKENDS = ("host", "device")
-
-    def search(self, queries, k: int = 10, *, backend: str = "host", **setting) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int = 10, **setting) -> tuple[np.ndarray, np.ndarray]:
         """The k best items per query: (ids int64 [n, k] (-1 where fewer than k exist), scores float32 [n, k]).
 
         ANN scores are distances, ascending: euclidean L2 distance, angular 1 - cos, dot -<q, x>.
         XMC scores are the method's label scores, descending (IRLI: summed bucket probability, or the
         summed logit with mode='mach'; ELIAS: path score x label probability).
-        `setting`: the method's search keywords (`setting_keys`), defaulting to the config's first setting.
-        backend: 'host' (the C++ kernels) or 'device' (one jitted function per query block on the
-        accelerator, over the devices of `shard(mesh)`, else the first device); the same ids on tie-free data.
+        `setting`: the method's search keywords (`setting_keys`), defaulting to the config's first setting,
+        and for every method backend='host' (the C++ kernels, the default) or backend='device' (jitted JAX
+        on the accelerator: over the devices of `shard(mesh)`, else the first device); both give the same
+        ids on tie-free data.
         """
-        res = self.query(queries, self.resolve_setting(setting), k, backend)
+        res = self.query(queries, self.resolve_setting(setting), k)
         scores = res.scores
         if self.task == "ann":
             scores = np.where(res.ids >= 0, benchmark_distance(scores, self.metric), np.inf).astype(np.float32)
         return res.ids.astype(np.int64), scores
 
-    def query(self, queries, setting: dict, k: int, backend: str = "host") -> SearchResult:
+    def query(self, queries, setting: dict, k: int) -> SearchResult:
         """One resolved setting: ids, scores (kernel form) and candidates per query (for evaluators)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"search: k must be an integer >= 1, got {k!r}")
-        if backend not in self.BACKENDS:
-            raise ValueError(f"search: backend={backend!r} must be one of {', '.join(self.BACKENDS)}")
         self._check_keys(setting)
+        backend = setting.get("backend", "host")
+        if backend not in BACKENDS:
+            raise ValueError(f"search: backend={backend!r} must be one of {', '.join(BACKENDS)}")
         self._check_setting(setting)
         run = self._query if backend == "host" else self._query_device
         return run(self._prepare(queries), setting, int(k))
@@ -277,12 +278,12 @@ class Index:
     def shard(self, mesh=None) -> "Index":
         """Split the stored items over the devices of `mesh` (default: every device of every process) for
         backend='device'; returns the index."""
-        raise NotImplementedError(f"shard: the {self.method} {self.task.upper()} index has no device layout yet "
-                                  f"(LMI has one); search it with backend='host'")
+        raise NotImplementedError(f"shard: the {self.method} {self.task.upper()} index has no sharded layout yet "
+                                  f"(LMI has one); backend='device' searches it on one device")
 
     def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
         raise NotImplementedError(f"search: backend='device' is not built for the {self.method} {self.task.upper()} "
-                                  f"index yet (LMI has it); use backend='host'")
+                                  f"index; use backend='host'")
 
     def router_input(self, x: np.ndarray) -> np.ndarray:
         """ANN vectors as the router was trained on them: standardised by the stored `input_center` /

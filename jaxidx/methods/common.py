@@ -81,6 +81,9 @@ def check_tokens(tokens, vocab_size: int, length: int) -> None:
         raise ValueError(f"queries: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
 
 
+BACKENDS = ("host", "device")  # where a search runs: the C++ kernels, or jitted JAX on the devices
+
+
 def validate_common(config) -> None:
     """Checks every method's config shares; each error names the field and the reason."""
     t, s, m = config.train, config.search, config.model
@@ -95,6 +98,10 @@ def validate_common(config) -> None:
         raise ValueError(f"train.learning_rate: must be > 0, got {t.learning_rate}")
     if not s.settings:
         raise ValueError("search.settings: at least one search setting is needed")
+    for setting in s.settings:
+        if setting.get("backend", "host") not in BACKENDS:
+            raise ValueError(f"search.settings: backend must be one of {', '.join(BACKENDS)}, got "
+                             f"{setting['backend']!r}")
     if "standardize" in m and not isinstance(m.standardize, bool):
         raise ValueError(f"model.standardize: must be True or False, got {m.standardize!r}")
     if not m.init_std >= 0:

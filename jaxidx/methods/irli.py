@@ -25,6 +25,7 @@ from jaxidx.index import Index, dense_rows, is_int, kernel_metric, n_rows, query
 from jaxidx.methods.common import SearchResult, input_standardizer, route_topm, standardize, validate_common
 from jaxidx.models.router import RepeatedMLP, affine_head
 from jaxidx.partition import Partition, bucket_stats, hash_assignment
+from jaxidx.search.sharded import ShardedPartition, default_mesh
 from jaxidx.train import batches as B_
 from jaxidx.train import mesh as mesh_lib
 
@@ -309,7 +310,9 @@ class IRLIIndex(Index):
         self.model = router_model(self.config, int(self.info["n_features"]))
         m = self.config.model
         self.n_buckets, self.n_reps = m.n_buckets, m.n_reps
-        self._route = jax.jit(partial(route_topm, self.model.apply, kind=m.loss), static_argnames="m")
+        self._route_fn = partial(route_topm, self.model.apply, kind=m.loss)
+        self._route = jax.jit(self._route_fn, static_argnames="m")
+        self._partition = None  # ShardedPartition of backend="device" (built by shard, or on first use)
         self.params = jax.device_put(self.params)
 
     @classmethod
@@ -380,6 +383,42 @@ class IRLIIndex(Index):
         rows, dist, n_unique = kernels.rerank_topk(queries, vectors, cand, k, kernel_metric(self.metric), n_threads)
         top = np.where(rows >= 0, self.arrays["ids"][np.maximum(rows, 0)], -1)
         return SearchResult(ids=top, scores=dist, n_candidates=n_unique)
+
+    def shard(self, mesh=None) -> "IRLIIndex":
+        self._partition = ShardedPartition(self.arrays["offsets"], self.arrays["members"], self._item_ids(),
+                                           self.arrays.get("vectors"), mesh)
+        self._partition_members = self.arrays["members"]
+        self._partition_params = self._partition.replicate(self.params)
+        return self
+
+    def _item_ids(self) -> np.ndarray:
+        """The item id of each member row: ANN rows of `vectors`, XMC labels (their own ids)."""
+        return self.arrays["ids"] if self.task == "ann" else np.arange(len(self), dtype=np.int64)
+
+    def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
+        """Routing, the hit counts with their threshold, and the exact re-rank (ANN) or the summed bucket
+        probabilities' top k (XMC) as one jitted function per query block over the shards of
+        `shard(mesh)` (default: the first device); see `search.sharded.ShardedPartition`. mode='mach'
+        runs on the device on either backend."""
+        if setting.get("mode", "topk") == "mach":
+            return self._search_mach(queries, k)
+        if self._partition is None:
+            self.shard(default_mesh(jax.devices()[:1]))
+        elif self._partition_members is not self.arrays["members"]:  # add / remove changed the partition
+            self.shard(self._partition.mesh)
+        part, m = self._partition, setting["m"]
+        ann = self.task == "ann"
+        block = part.block_size(m, self.dim if ann else 4, self.config.search.query_batch)
+        top, score, n_cand = [], [], []
+        for batch, n in query_blocks(queries, block):
+            out = part.search(self._route_fn, self._partition_params, self.model_input(batch), batch if ann else None,
+                              m=m, min_count=setting.get("min_count", 1), k=k,
+                              metric=kernel_metric(self.metric) if ann else None)
+            for acc, a in zip((top, score, n_cand), out):
+                acc.append(np.asarray(a)[:n])
+        ids = np.concatenate(top)
+        return SearchResult(ids=ids.astype(np.int64) if ann else ids, scores=np.concatenate(score),
+                            n_candidates=np.concatenate(n_cand))
 
     @functools.cached_property
     def _mach_scores(self):

@@ -102,16 +102,11 @@ def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_coun
                        max_bucket_size=max_bucket_size)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "min_count", "agg", "max_bucket_size"))
-def _merge_topk(bucket_ids, bucket_scores, offsets, members, weights, *, k, min_count, agg, max_bucket_size):
+def _accumulate(bucket_ids, bucket_scores, offsets, members, weights, agg, max_bucket_size):
+    """Every query's hits reduced per item: (item [Q, L] ascending per row (padding after), count [Q, L],
+    score [Q, L] (agg of the hit contributions)); L = R * m * max_bucket_size slots, unused ones count 0."""
     Q, R, m = bucket_ids.shape
     L = R * m * max_bucket_size
-    if L == 0 or members.shape[1] == 0:
-        ids, scores, counts = _take_top(jnp.zeros((Q, 0), jnp.int32), k, [
-            (jnp.zeros((Q, 0), jnp.int32), -1), (jnp.zeros((Q, 0), jnp.float32), -jnp.inf),
-            (jnp.zeros((Q, 0), jnp.int32), 0)])
-        return ids, scores, counts, jnp.zeros(Q, jnp.int32)
-
     # Hits [Q, R, m, S] in (r, j, member position) order.
     routed = bucket_ids >= 0
     bucket = jnp.where(routed, bucket_ids, 0)
@@ -141,14 +136,29 @@ def _merge_topk(bucket_ids, bucket_scores, offsets, members, weights, *, k, min_
     else:
         score = jnp.full((Q, L), -jnp.inf, jnp.float32).at[rows, seg].max(jnp.where(hit > 0, contrib, -jnp.inf))
     seg_item = jnp.zeros((Q, L), jnp.int32).at[rows, seg].max(item)  # ascending along each row
+    return seg_item, count, score
 
-    # Threshold: the largest t <= min_count that k items reach, else 1.
-    if min_count > 1 and k <= L:
+
+def _candidates(count, k, min_count):
+    """Items hit in >= t repetitions, t = the largest value <= min_count that k items reach, else 1."""
+    if min_count > 1 and k <= count.shape[1]:
         kth_count = jax.lax.top_k(count, k)[0][:, k - 1]
         threshold = jnp.maximum(1, jnp.minimum(min_count, kth_count))[:, None]
     else:
         threshold = 1
-    cand = count >= threshold
+    return count >= threshold
+
+
+@functools.partial(jax.jit, static_argnames=("k", "min_count", "agg", "max_bucket_size"))
+def _merge_topk(bucket_ids, bucket_scores, offsets, members, weights, *, k, min_count, agg, max_bucket_size):
+    Q, R, m = bucket_ids.shape
+    if R * m * max_bucket_size == 0 or members.shape[1] == 0:
+        ids, scores, counts = _take_top(jnp.zeros((Q, 0), jnp.int32), k, [
+            (jnp.zeros((Q, 0), jnp.int32), -1), (jnp.zeros((Q, 0), jnp.float32), -jnp.inf),
+            (jnp.zeros((Q, 0), jnp.int32), 0)])
+        return ids, scores, counts, jnp.zeros(Q, jnp.int32)
+    seg_item, count, score = _accumulate(bucket_ids, bucket_scores, offsets, members, weights, agg, max_bucket_size)
+    cand = _candidates(count, k, min_count)
     score = _zero_to_plus(score)
     ids, scores, counts = _take_top(_rank_key(score, cand), k, [(seg_item, -1), (score, -jnp.inf), (count, 0)])
     return ids, scores, counts, cand.sum(axis=1, dtype=jnp.int32)

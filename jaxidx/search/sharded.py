@@ -27,7 +27,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxidx.search.device import _rank_key, _take_top, distances
 
 SHARD = "shard"
-SLAB_FLOATS = 1 << 24  # floats of one block's gathered vectors (64 MiB): bounds the query block size
+
+
+def slab_floats() -> int:
+    """Floats one query block may gather (its candidates' vectors): 2^24 (64 MiB) on CPU, where a block
+    should stay near the caches, 2^28 (1 GiB) on an accelerator, where large blocks keep it busy."""
+    return 1 << (24 if jax.default_backend() == "cpu" else 28)
 
 
 def default_mesh(devices=None) -> Mesh:
@@ -101,8 +106,8 @@ class ShardedLayout:
         return max(256, -(-int(top) // 256) * 256)
 
     def block_size(self, capacity: int, largest: int) -> int:
-        """Queries per block: a power of two keeping the gathered slab under SLAB_FLOATS, at most `largest`."""
-        fit = max(1, SLAB_FLOATS // (capacity * max(self.dim, 8)))
+        """Queries per block: a power of two keeping the gathered slab under `slab_floats()`, at most `largest`."""
+        fit = max(1, slab_floats() // (capacity * max(self.dim, 8)))
         return max(1, min(largest, 1 << int(math.log2(fit))))
 
     def search(self, route_fn, route_params, nonempty, x_route, x, *, n_probe: int, budget: int, k: int,
@@ -139,3 +144,102 @@ def _search_fn(mesh, axes, route_fn, n_probe, budget, k, metric, capacity):
     split = P(axes)
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), split, split, split, P(), P()),
                                  out_specs=(P(), P(), P()), check_vma=False))
+
+
+class ShardedPartition:
+    """An R-repetition partition (IRLI) split over a mesh: item row i goes to shard i mod D, at local
+    row i // D, with its vector (ANN) and id; each shard keeps, per repetition, the CSR of its own rows
+    (offsets [R, B+1], members [R, n_max] local rows). A search block routes the same queries on every
+    device, counts each local item's hits over the R repetitions' top-m buckets (`device._accumulate`),
+    applies the host's count threshold (min_count, relaxed until k items qualify, from the counts
+    summed over the shards with one psum), and keeps its k best: by exact distance (ANN) or summed
+    bucket probability (XMC); one all_gather + top-k merges the shards."""
+
+    def __init__(self, offsets: np.ndarray, members: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None,
+                 mesh: Mesh | None = None):
+        self.mesh = default_mesh() if mesh is None else mesh
+        self.axes = tuple(self.mesh.axis_names)
+        n_shards = self.mesh.devices.size
+        offsets, members = np.asarray(offsets, np.int64), np.asarray(members)
+        n_reps, n_buckets = offsets.shape[0], offsets.shape[1] - 1
+        n = len(ids)
+        if n and int(np.max(ids)) >= 2**31:
+            raise ValueError(f"shard: item ids must be below 2^31 on devices, the largest is {int(np.max(ids))}")
+        n_max = max(1, -(-n // n_shards))
+        host = {"offsets": np.zeros((n_shards, n_reps, n_buckets + 1), np.int32),
+                "members": np.zeros((n_shards, n_reps, n_max), np.int32),
+                "ids": np.full((n_shards, n_max), -1, np.int32)}
+        rows = np.arange(n)
+        for s in range(n_shards):
+            host["ids"][s, :len(rows[s::n_shards])] = ids[s::n_shards]
+        self.max_bucket = 1
+        for r in range(n_reps):
+            bucket = np.repeat(np.arange(n_buckets), np.diff(offsets[r]))
+            mem = members[r, :offsets[r, -1]]
+            for s in range(n_shards):
+                mine = mem % n_shards == s  # CSR order kept: bucket-sorted
+                sizes = np.bincount(bucket[mine], minlength=n_buckets)
+                host["offsets"][s, r, 1:] = np.cumsum(sizes)
+                host["members"][s, r, :mine.sum()] = mem[mine] // n_shards
+                self.max_bucket = max(self.max_bucket, int(sizes.max(initial=0)))
+        if vectors is not None:
+            host["vectors"] = np.zeros((n_shards, n_max, vectors.shape[1]), np.float32)
+            for s in range(n_shards):
+                host["vectors"][s, :len(rows[s::n_shards])] = vectors[s::n_shards]
+        split = NamedSharding(self.mesh, P(self.axes))
+        self.arrays = {k: jax.make_array_from_callback(v.shape, split, lambda i, v=v: v[i]) for k, v in host.items()}
+        self.n_reps = n_reps
+
+    replicate = ShardedLayout.replicate
+    device_bytes = ShardedLayout.device_bytes
+
+    def block_size(self, m: int, width: int, largest: int) -> int:
+        """Queries per block: a power of two keeping the hits [block, R m S] x `width` floats under
+        `slab_floats()`, at most `largest`."""
+        fit = max(1, slab_floats() // (self.n_reps * m * self.max_bucket * max(width, 1)))
+        return max(1, min(largest, 1 << int(math.log2(fit))))
+
+    def search(self, route_fn, params, x_route, x, *, m: int, min_count: int, k: int, metric: str | None):
+        """One block of queries: (ids [Q, k] int32 (-1 = none), scores [Q, k], n_candidates [Q]). ANN
+        (`metric` given): scores are distances of the re-ranked candidates, ascending; XMC (metric None):
+        summed bucket probabilities, descending. route_fn(params, x_route, m=m) -> (bucket ids, probs) [Q, R, m]."""
+        fn = _partition_fn(self.mesh, self.axes, route_fn, m, min_count, k, metric, self.max_bucket)
+        x_route = self.replicate(x_route)
+        if metric is None:
+            return fn(params, x_route, self.arrays["offsets"], self.arrays["members"], self.arrays["ids"])
+        return fn(params, x_route, self.arrays["offsets"], self.arrays["members"], self.arrays["ids"],
+                  self.arrays["vectors"], self.replicate(np.asarray(x, np.float32)))
+
+
+@functools.lru_cache(maxsize=64)
+def _partition_fn(mesh, axes, route_fn, m, min_count, k, metric, max_bucket):
+    from jaxidx.search.device import _accumulate, _zero_to_plus
+
+    def local(params, x_route, offsets, members, ids, vectors=None, x=None):
+        offsets, members, ids = offsets[0], members[0], ids[0]
+        vectors = None if vectors is None else vectors[0]
+        bucket_ids, probs = route_fn(params, x_route, m=m)
+        item, count, score = _accumulate(bucket_ids, probs, offsets, members, None, "sum", max_bucket)
+        threshold = 1
+        if min_count > 1:  # the largest t <= min_count that k items reach over all shards, else 1
+            reach = jax.lax.psum(jnp.stack([(count >= t).sum(1) for t in range(1, min_count + 1)], 1), axes)
+            threshold = jnp.maximum(1, (reach >= k).sum(1))[:, None]
+        cand = count >= threshold
+        if vectors is None:  # XMC: summed probabilities, larger first
+            key, value, pad = _rank_key(_zero_to_plus(score), cand), _zero_to_plus(score), -jnp.inf
+        else:  # ANN: exact distances, smaller first
+            value = distances(x[:, None, :], vectors[jnp.where(cand, item, 0)], metric)
+            key, pad = _rank_key(-value, cand), jnp.inf
+        top_ids, top_val = _take_top(key, k, [(ids[jnp.where(cand, item, 0)], -1), (value, pad)])
+        all_ids = jax.lax.all_gather(top_ids, axes, axis=1, tiled=True)
+        all_val = jax.lax.all_gather(top_val, axes, axis=1, tiled=True)
+        by_id = jnp.argsort(jnp.where(all_ids >= 0, all_ids, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
+        all_ids, all_val = jnp.take_along_axis(all_ids, by_id, 1), jnp.take_along_axis(all_val, by_id, 1)
+        all_key = _rank_key(all_val if vectors is None else -all_val, all_ids >= 0)  # equal values: smaller id first
+        out_ids, out_val = _take_top(all_key, k, [(all_ids, -1), (all_val, pad)])
+        return out_ids, out_val, jax.lax.psum(cand.sum(1, dtype=jnp.int32), axes)
+
+    split = P(axes)
+    n_split = 3 if metric is None else 4
+    in_specs = (P(), P()) + (split,) * n_split + (() if metric is None else (P(),))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=(P(), P(), P()), check_vma=False))

@@ -14,9 +14,6 @@ from jaxidx.methods.common import SearchResult, check_tokens
 from jaxidx.methods.elias.graph import soft_partition
 from jaxidx.methods.elias.maths import encoder_input, log_edge_weights, make_encoder, rank_shortlist, route_clusters
 
-BACKENDS = ("host", "device")
-
-
 class ELIASIndex(Index):
     """A trained ELIAS model and its adjacency as a soft one-repetition partition.
 
@@ -25,7 +22,7 @@ class ELIASIndex(Index):
     """
 
     method, task = "elias", "xmc"
-    setting_keys = ("beam", "shortlist", "backend")
+    setting_keys = ("beam", "shortlist")
 
     def __init__(self, config, params, arrays, info):
         super().__init__(config, params, arrays, info)
@@ -48,15 +45,13 @@ class ELIASIndex(Index):
 
     def default_setting(self) -> dict:
         m = self.config.model
-        return {"beam": m.beam, "shortlist": m.shortlist, "backend": "host", **super().default_setting()}
+        return {"beam": m.beam, "shortlist": m.shortlist, **super().default_setting()}
 
     def _check_setting(self, setting: dict) -> None:
         for key in ("beam", "shortlist"):
             v = setting.get(key, 1)
             if not is_int(v) or v < 1:
                 raise ValueError(f"search: {key}={v!r} must be an integer >= 1")
-        if setting.get("backend", "host") not in BACKENDS:
-            raise ValueError(f"search: backend={setting['backend']!r} unknown; valid: {', '.join(BACKENDS)}")
 
     def _prepare(self, queries):
         """CSR / dense features, or padded sparse rows (with 'tokens' for a text encoder), checked."""
@@ -65,11 +60,15 @@ class ELIASIndex(Index):
             check_tokens(x.get("tokens"), int(self.info["vocab_size"]), int(self.info["token_len"]))
         return x
 
-    def _query(self, queries, setting: dict, k: int) -> SearchResult:
+    def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
+        """The host path with the merge on the device too (`search.device.merge_topk`): encoder, beam,
+        merge and label ranking all run as jitted JAX, one device."""
+        return self._query(queries, setting, k, device=True)
+
+    def _query(self, queries, setting: dict, k: int, device: bool = False) -> SearchResult:
         cfg = self.config
         beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
         K = setting.get("shortlist", cfg.model.shortlist)
-        device = setting.get("backend", "host") == "device"
         offsets, members, weights = self.arrays["offsets"], self.arrays["members"], self.arrays["weights"]
         out_ids, out_scores, out_cand = [], [], []
         for batch, n in query_blocks(queries, cfg.search.query_batch):

@@ -65,8 +65,6 @@ def validate_config(config, n_labels: int) -> None:
     if not 0 <= t.warmup < 1:
         raise ValueError(f"train.warmup: must be in [0, 1), got {t.warmup}")
     for s in config.search.settings:
-        if s.get("backend", "host") not in ("host", "device"):
-            raise ValueError(f"search.settings: backend must be 'host' or 'device', got {s['backend']!r}")
         if s.get("beam", 1) < 1 or s.get("shortlist", 1) < 1:
             raise ValueError(f"search.settings: beam and shortlist must be >= 1, got {s}")
 
