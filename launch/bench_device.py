@@ -21,6 +21,7 @@ from jaxidx import bench, cli
 from jaxidx.data import load
 from jaxidx.evaluate import format_results
 from jaxidx.data.types import benchmark_distance
+from jaxidx.search.sharded import default_mesh
 from jaxidx.train.metrics_log import read_metrics
 
 flags.DEFINE_string("data", "glove-6b-50d", "ANN data spec searched and trained on.")
@@ -28,10 +29,13 @@ flags.DEFINE_bool("cpu", False, "Small synthetic data and batches: checks the sc
 flags.DEFINE_list("methods", ["lmi", "irli"], "Methods (auto presets) trained and searched on the device.")
 flags.DEFINE_list("batch_sizes", ["1000", "10000"], "Queries per device call.")
 flags.DEFINE_integer("epochs", 0, "Training epochs of every method (0 = the auto preset's).")
+flags.DEFINE_integer("max_settings", 0, "Search only the first N settings of each index (0 = all).")
+flags.DEFINE_list("shards", ["1"], "Device counts to shard each index over (the first N devices; on CPU simulate "
+                  "them with JAX_NUM_CPU_DEVICES): bytes per device and results beside one device.")
 flags.DEFINE_string("out", "benchmarks/bench_device.json", "JSON result path.")
 FLAGS = flags.FLAGS
 
-CPU_DATA = "synthetic-ann:n=20000,q=500,d=32,clusters=100,seed=0"
+CPU_DATA = "synthetic-ann:n=4000,q=200,d=16,clusters=40,seed=0"
 
 
 def train_figures(workdir: str) -> dict:
@@ -42,11 +46,12 @@ def train_figures(workdir: str) -> dict:
             "mfu": med("train/mfu")}
 
 
-def search_rows(index, data, batch: int) -> list[dict]:
-    """Every search setting of the index on the device with `batch` queries per call: recall@10, queries/s."""
+def search_rows(index, data, batch: int, max_settings: int = 0) -> list[dict]:
+    """The index's search settings (the first `max_settings`, 0 = all) on the device with `batch` queries
+    per call: recall@10 and queries/s."""
     rows = []
     index.config.search.query_batch = batch
-    for setting in index.config.search.settings:
+    for setting in index.config.search.settings[:max_settings or None]:
         setting = dict(setting, backend="device")
         index.query(data.queries[:batch], setting, 10)  # compile for this block shape
         t0 = time.perf_counter()
@@ -103,8 +108,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     spec = CPU_DATA if FLAGS.cpu else FLAGS.data
-    batches = [100, 500] if FLAGS.cpu else [int(b) for b in FLAGS.batch_sizes]
-    epochs = FLAGS.epochs or (2 if FLAGS.cpu else 0)
+    batches = [50, 200] if FLAGS.cpu else [int(b) for b in FLAGS.batch_sizes]
+    epochs = FLAGS.epochs or (1 if FLAGS.cpu else 0)
+    max_settings = FLAGS.max_settings or (3 if FLAGS.cpu else 0)
     data = load(spec)
     rows, training, nlist = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
@@ -115,10 +121,16 @@ def main(argv):
             index = jaxidx.fit(method, data, workdir=wd, progress=False, **overrides)
             training[method] = {"build_seconds": time.perf_counter() - t0, **train_figures(wd)}
             nlist = nlist or index.stats()["n_buckets"]
-            for batch in batches:
-                rows += search_rows(index, data, batch)
+            for n_dev in [int(n) for n in FLAGS.shards]:
+                index.shard(default_mesh(jax.devices()[:n_dev]))
+                part = getattr(index, "_layout", None) or index._partition
+                for batch in batches:
+                    rows += [dict(r, devices=n_dev, bytes_per_device=part.device_bytes())
+                             for r in search_rows(index, data, batch, max_settings)]
     for batch in batches:
         rows += faiss_rows(data, nlist, batch)
+    for r in rows:  # one method name per device count, so the summary keeps them apart
+        r["method"] += f" x{r['devices']} dev" if r.get("devices", 1) > 1 else ""
     summary = [dict(bench.best_at([r for r in rows if r["batch"] == b], m, 0.90), batch=b)
                for b in batches for m in dict.fromkeys(r["method"] for r in rows if r["batch"] == b)]
     out = {"machine": bench.machine(), "command": bench.command(), "backend": jax.default_backend(),
@@ -127,8 +139,8 @@ def main(argv):
     bench.write_json(FLAGS.out, out)
     print(out["machine"], "| backend", out["backend"], "|", len(out["devices"]), "device(s)")
     print(format_results([{"method": r["method"], "batch": r["batch"], **r["setting"],
-                           **{k: r[k] for k in ("recall@10", "candidates_per_query", "queries_per_second")}}
-                          for r in rows]))
+                           **{k: r.get(k) for k in ("recall@10", "candidates_per_query", "queries_per_second",
+                                                    "bytes_per_device")}} for r in rows]))
     print("\nat recall@10 >= 0.90:")
     print(format_results(summary))
     print("\ntraining:", json.dumps(training))

@@ -183,6 +183,6 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     methods = {r["method"].split(" ")[0] for r in res["rows"]}
-    assert {"lmi", "irli"} <= methods and {r["batch"] for r in res["rows"]} == {100, 500}
+    assert {"lmi", "irli"} <= methods and {r["batch"] for r in res["rows"]} == {50, 200}
     assert all(res["training"][m]["examples_per_second"] > 0 for m in ("lmi", "irli"))
     assert "at recall@10 >= 0.90" in proc.stdout
