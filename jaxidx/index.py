@@ -196,6 +196,7 @@ class Index:
         self.params = params
         self.arrays = arrays
         self.info = dict(info)
+        self._sharded = None  # the device layout of backend="device" (built by `shard`, or on first use)
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -278,8 +279,11 @@ class Index:
     def shard(self, mesh=None) -> "Index":
         """Split the stored items over the devices of `mesh` (default: every device of every process) for
         backend='device'; returns the index."""
-        raise NotImplementedError(f"shard: the {self.method} {self.task.upper()} index has no sharded layout yet "
-                                  f"(LMI has one); backend='device' searches it on one device")
+        raise NotImplementedError(f"shard: the {self.method} {self.task.upper()} index has no sharded layout")
+
+    def device_bytes(self) -> int:
+        """Bytes each device holds of the index after `shard` (its share of the items; 0 before any)."""
+        return 0 if self._sharded is None else self._sharded.device_bytes()
 
     def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
         raise NotImplementedError(f"search: backend='device' is not built for the {self.method} {self.task.upper()} "

@@ -123,9 +123,8 @@ def main(argv):
             nlist = nlist or index.stats()["n_buckets"]
             for n_dev in [int(n) for n in FLAGS.shards]:
                 index.shard(default_mesh(jax.devices()[:n_dev]))
-                part = getattr(index, "_layout", None) or index._partition
                 for batch in batches:
-                    rows += [dict(r, devices=n_dev, bytes_per_device=part.device_bytes())
+                    rows += [dict(r, devices=n_dev, bytes_per_device=index.device_bytes())
                              for r in search_rows(index, data, batch, max_settings)]
     for batch in batches:
         rows += faiss_rows(data, nlist, batch)

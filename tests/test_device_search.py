@@ -19,24 +19,31 @@ LMI_SETTINGS = [{"n_probe": 1}, {"n_probe": 5}, {"n_probe": 5, "max_candidates":
                 {"n_probe": 3, "route": "centroids"}]
 IRLI_SETTINGS = [{"m": 1, "min_count": 1}, {"m": 4, "min_count": 2}, {"m": 3}]
 SPEC = "synthetic-ann:n=3000,q=100,d=13,clusters=30,metric={},seed=4"
+XMC_SPEC = "synthetic-xmc:n=800,test=60,features=300,labels=400,seed=1"
 CASES = {  # name: (preset, data spec, settings, overrides) of the indexes that shard
     "lmi-euclidean": ("lmi:tiny", SPEC.format("euclidean"), LMI_SETTINGS, {"kmeans__balance": 2.0}),
     "lmi-angular": ("lmi:tiny", SPEC.format("angular"), LMI_SETTINGS, {"kmeans__balance": 2.0}),
     "irli-euclidean": ("irli:tiny", SPEC.format("euclidean"), IRLI_SETTINGS, {"train__epochs": 2}),
-    "irli-xmc": ("irli:tiny-xmc", "synthetic-xmc:n=800,test=60,features=300,labels=400,seed=1",
-                 [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}], {"train__epochs": 2}),
+    "irli-xmc": ("irli:tiny-xmc", XMC_SPEC, [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}], {"train__epochs": 2}),
+    "elias": ("elias:tiny", XMC_SPEC, [{}, {"beam": 2, "shortlist": 5}, {"beam": 8, "shortlist": 100}], {}),
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def saved(request, tmp_path_factory):
-    """(saved index path, data, settings) of each case, trained once."""
-    preset, spec, settings, overrides = CASES[request.param]
-    data = load(spec)
-    index = jaxidx.fit(preset, data, progress=False, **overrides)
-    path = str(tmp_path_factory.mktemp(request.param) / "index")
-    index.save(path)
-    return path, data, settings
+@pytest.fixture(scope="module")
+def all_saved(tmp_path_factory):
+    """{case: (saved index path, data, settings)}, each trained once for the module."""
+    out = {}
+    for name, (preset, spec, settings, overrides) in CASES.items():
+        data = load(spec)
+        path = str(tmp_path_factory.mktemp(name) / "index")
+        jaxidx.fit(preset, data, progress=False, **overrides).save(path)
+        out[name] = (path, data, settings)
+    return out
+
+
+@pytest.fixture(params=list(CASES))
+def saved(request, all_saved):
+    return all_saved[request.param]
 
 
 def _queries(data):
@@ -86,45 +93,46 @@ def test_sharded_layout_splits_every_bucket():
     assert layout.local_sizes.sum() == 12 and layout.capacity(2) >= 12
 
 
-_EIGHT = """
-import json, numpy as np, jax, jaxidx
-from jaxidx.data import load
-from jaxidx.search.sharded import default_mesh
-path, spec, settings = PATH, SPEC, json.loads(SETTINGS)
-data = load(spec)
-queries = data.queries if data.task == "ann" else data.X_test
-index = jaxidx.load(path)
-run = lambda backend: {json.dumps(s): [a.tolist() for a in index.search(queries, 10, backend=backend, **s)]
-                       for s in settings}
-host, out = run("host"), {}
-for n in (1, 8):
-    index.shard(default_mesh(jax.devices()[:n]))
-    part = getattr(index, "_layout", None) or index._partition
-    out[n] = {"same": run("device") == host, "bytes": part.device_bytes()}
-print(json.dumps({"devices": jax.device_count(), **{str(k): v for k, v in out.items()}}))
-"""
-
-
-def test_eight_devices_equal_one_and_host(saved):
-    path, data, settings = saved
-    code = _EIGHT.replace("PATH, SPEC, json.loads(SETTINGS)", f"{path!r}, {data.name!r}, json.loads({json.dumps(settings)!r})")
-    out = run_python(code, {"JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"})
-    assert out["devices"] == 8 and out["1"]["same"] and out["8"]["same"]
-    assert out["8"]["bytes"] < out["1"]["bytes"] / 4  # each device holds about 1/8 of the items
-
-
-_TWO_PROCESSES = """
-import json, sys, numpy as np, jax
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+_CASES_SCRIPT = """
+import json, sys, jax
+PRELUDE
 import jaxidx
 from jaxidx.data import load
-path, spec, settings = sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
-data = load(spec)
-queries = data.queries if data.task == "ann" else data.X_test
-index = jaxidx.load(path).shard()  # every device of both processes
-dev = {json.dumps(s): [a.tolist() for a in index.search(queries, 10, backend="device", **s)] for s in settings}
-print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(), "results": dev}))
+from jaxidx.search.sharded import default_mesh
+out = {}
+for name, (path, spec, settings) in json.loads(sys.argv[-1]).items():
+    data = load(spec)
+    queries = data.queries if data.task == "ann" else data.X_test
+    index = jaxidx.load(path)
+    run = lambda backend: {json.dumps(s): [a.tolist() for a in index.search(queries, 10, backend=backend, **s)]
+                           for s in settings}
+    out[name] = {}
+    for n in COUNTS:
+        index.shard(default_mesh(jax.devices()[:n]))
+        out[name][str(n)] = {"results": run("device"), "bytes": index.device_bytes()}
+print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(), "cases": out}))
 """
+
+
+def _cases_arg(all_saved) -> str:
+    return json.dumps({name: (path, data.name, settings) for name, (path, data, settings) in all_saved.items()})
+
+
+def _host(all_saved) -> dict:
+    return {name: _results(jaxidx.load(path), data, settings, "host") for name, (path, data, settings) in
+            all_saved.items()}
+
+
+def test_eight_devices_equal_one_and_host(all_saved):
+    """Every sharded index on 1 and 8 simulated devices: the host's results; memory per device about 1/8."""
+    code = _CASES_SCRIPT.replace("PRELUDE", "").replace("COUNTS", "(1, 8)")
+    out = run_python(code.replace("sys.argv[-1]", repr(_cases_arg(all_saved))),
+                     {"JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert out["devices"] == 8
+    for name, host in _host(all_saved).items():
+        got = out["cases"][name]
+        assert got["1"]["results"] == host and got["8"]["results"] == host, name
+        assert got["8"]["bytes"] < got["1"]["bytes"] / 4, name  # each device holds about 1/8 of the items
 
 
 def _free_port() -> int:
@@ -134,19 +142,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
-def test_two_processes_serve_one_sharded_index(saved, tmp_path):
-    path, data, settings = saved
+def test_two_processes_serve_one_sharded_index(all_saved, tmp_path):
+    """Two processes (2 devices each, gloo collectives) shard every index over all 4 devices and return
+    the host's results in both processes."""
     addr = f"127.0.0.1:{_free_port()}"
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    code = _CASES_SCRIPT.replace("PRELUDE", "jax.distributed.initialize(coordinator_address=sys.argv[1], "
+                                            "num_processes=2, process_id=int(sys.argv[2]))").replace("COUNTS", "(4,)")
     # Output to files, not pipes: a process blocked on a full pipe would hold the other at its exit barrier.
     logs = [(open(tmp_path / f"out{i}", "w"), open(tmp_path / f"err{i}", "w")) for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, addr, str(i), path, data.name,
-                               json.dumps(settings)], env=env, cwd=REPO, stdout=out, stderr=err)
-             for i, (out, err) in enumerate(logs)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, addr, str(i), _cases_arg(all_saved)], env=env, cwd=REPO,
+                              stdout=out, stderr=err) for i, (out, err) in enumerate(logs)]
     try:
         for p in procs:
-            p.wait(timeout=300)
+            p.wait(timeout=600)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -157,21 +167,15 @@ def test_two_processes_serve_one_sharded_index(saved, tmp_path):
         assert p.returncode == 0, (tmp_path / f"err{i}").read_text()[-3000:]
     got = [json.loads((tmp_path / f"out{i}").read_text().strip().splitlines()[-1]) for i in range(2)]
     assert all(g["devices"] == 4 and g["local"] == 2 for g in got)
-    host = _results(jaxidx.load(path), data, settings, "host")
-    assert got[0]["results"] == host and got[1]["results"] == host
+    for name, host in _host(all_saved).items():
+        assert got[0]["cases"][name]["4"]["results"] == host == got[1]["cases"][name]["4"]["results"], name
 
 
-def test_irli_mach_and_elias_device_backend():
-    """mode='mach' runs on the device either way; ELIAS's device path is its jitted merge (one device)."""
-    data = load(CASES["irli-xmc"][1])
+def test_irli_mach_runs_on_the_device_on_either_backend():
+    data = load(XMC_SPEC)
     index = jaxidx.fit("irli:tiny-xmc", data, progress=False, train__epochs=2)
     a, b = (index.search(data.X_test, 10, mode="mach", backend=be) for be in ("host", "device"))
     np.testing.assert_array_equal(a[0], b[0])
-    elias = jaxidx.fit("elias:tiny", data, progress=False)
-    a, b = (elias.search(data.X_test, 10, backend=be) for be in ("host", "device"))
-    np.testing.assert_array_equal(a[0], b[0])
-    with pytest.raises(NotImplementedError, match="sharded layout"):
-        elias.shard()
 
 
 def test_gpu_bench_runs_on_cpu(tmp_path):

@@ -312,7 +312,6 @@ class IRLIIndex(Index):
         self.n_buckets, self.n_reps = m.n_buckets, m.n_reps
         self._route_fn = partial(route_topm, self.model.apply, kind=m.loss)
         self._route = jax.jit(self._route_fn, static_argnames="m")
-        self._partition = None  # ShardedPartition of backend="device" (built by shard, or on first use)
         self.params = jax.device_put(self.params)
 
     @classmethod
@@ -385,10 +384,10 @@ class IRLIIndex(Index):
         return SearchResult(ids=top, scores=dist, n_candidates=n_unique)
 
     def shard(self, mesh=None) -> "IRLIIndex":
-        self._partition = ShardedPartition(self.arrays["offsets"], self.arrays["members"], self._item_ids(),
+        self._sharded = ShardedPartition(self.arrays["offsets"], self.arrays["members"], self._item_ids(),
                                            self.arrays.get("vectors"), mesh)
-        self._partition_members = self.arrays["members"]
-        self._partition_params = self._partition.replicate(self.params)
+        self._sharded_members = self.arrays["members"]
+        self._sharded_params = self._sharded.replicate(self.params)
         return self
 
     def _item_ids(self) -> np.ndarray:
@@ -402,16 +401,16 @@ class IRLIIndex(Index):
         runs on the device on either backend."""
         if setting.get("mode", "topk") == "mach":
             return self._search_mach(queries, k)
-        if self._partition is None:
+        if self._sharded is None:
             self.shard(default_mesh(jax.devices()[:1]))
-        elif self._partition_members is not self.arrays["members"]:  # add / remove changed the partition
-            self.shard(self._partition.mesh)
-        part, m = self._partition, setting["m"]
+        elif self._sharded_members is not self.arrays["members"]:  # add / remove changed the partition
+            self.shard(self._sharded.mesh)
+        part, m = self._sharded, setting["m"]
         ann = self.task == "ann"
         block = part.block_size(m, self.dim if ann else 4, self.config.search.query_batch)
         top, score, n_cand = [], [], []
         for batch, n in query_blocks(queries, block):
-            out = part.search(self._route_fn, self._partition_params, self.model_input(batch), batch if ann else None,
+            out = part.search(self._route_fn, self._sharded_params, self.model_input(batch), batch if ann else None,
                               m=m, min_count=setting.get("min_count", 1), k=k,
                               metric=kernel_metric(self.metric) if ann else None)
             for acc, a in zip((top, score, n_cand), out):

@@ -378,7 +378,6 @@ class LMIIndex(Index):
         self._logp = partial(leaf_log_probs_of, tuple(self.models))
         self.params = jax.device_put(self.params)
         self._centroids = None  # leaf means, for route="centroids" (computed on first use)
-        self._layout = None  # ShardedLayout of backend="device" (built by shard, or on first use)
 
     @classmethod
     def from_training(cls, config, params, aux, vectors: np.ndarray, info: dict) -> "LMIIndex":
@@ -467,21 +466,21 @@ class LMIIndex(Index):
 
     # --- device backend -------------------------------------------------------------------------
     def shard(self, mesh=None) -> "LMIIndex":
-        self._layout = ShardedLayout(self.arrays["offsets"][0], self.arrays["vectors"], self.arrays["ids"], mesh)
-        self._layout_params = {}
+        self._sharded = ShardedLayout(self.arrays["offsets"][0], self.arrays["vectors"], self.arrays["ids"], mesh)
+        self._sharded_params = {}
         return self
 
     def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
         """Routing, the leaves' rows and the exact top-k in one jitted function per query block, over
         the shards of `shard(mesh)` (default: the first device); see `search.sharded`."""
-        if self._layout is None:
+        if self._sharded is None:
             self.shard(default_mesh(jax.devices()[:1]))
-        layout, route = self._layout, setting.get("route", "learned")
+        layout, route = self._sharded, setting.get("route", "learned")
         n_probe, budget = setting["n_probe"], setting.get("max_candidates", 0)
-        if route not in self._layout_params:  # the router's inputs, replicated on the mesh once
-            self._layout_params[route] = layout.replicate(
+        if route not in self._sharded_params:  # the router's inputs, replicated on the mesh once
+            self._sharded_params[route] = layout.replicate(
                 (self.leaf_means() if route == "centroids" else self.params, self.sizes() > 0))
-        params, nonempty = self._layout_params[route]
+        params, nonempty = self._sharded_params[route]
         route_fn = mean_scores if route == "centroids" else self._logp
         capacity = layout.capacity(n_probe, budget)
         ids, dist, n_cand = [], [], []
@@ -527,8 +526,8 @@ class LMIIndex(Index):
     def _drop_device_state(self) -> None:
         """After add / remove: the leaf means are recomputed, and a sharded layout is rebuilt on its mesh."""
         self._centroids = None
-        if self._layout is not None:
-            self.shard(self._layout.mesh)
+        if self._sharded is not None:
+            self.shard(self._sharded.mesh)
 
 
 LMI.index_type = LMIIndex

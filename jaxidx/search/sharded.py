@@ -40,6 +40,24 @@ def default_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(jax.devices() if devices is None else devices), (SHARD,))
 
 
+def replicate(mesh: Mesh, tree):
+    """Host or device arrays (router parameters, queries, bucket masks) copied to every device of the mesh
+    (each process places its own devices' copies)."""
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), rep, lambda i, a=np.asarray(a): a[i]), tree)
+
+
+def split_rows(mesh: Mesh, tree):
+    """Host arrays [D, ...] (one block per shard) placed block s on the mesh's device s."""
+    split = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, split, lambda i, a=a: a[i]), tree)
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of sharded arrays (its first addressable shard of each)."""
+    return sum(int(a.addressable_shards[0].data.nbytes) for a in jax.tree.leaves(tree))
+
+
 def runs_to_rows(starts: jax.Array, lens: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     """The rows of each query's runs (starts, lens [Q, P]) in run order, padded to `capacity`:
     (rows [Q, capacity], valid [Q, capacity]). Rows beyond a query's total are 0 and not valid."""
@@ -83,19 +101,14 @@ class ShardedLayout:
             host["offsets"][s, 1:] = np.cumsum(local_sizes[s])
             host["vectors"][s, :len(rows)] = vectors[rows]
             host["ids"][s, :len(rows)] = ids[rows]
-        split = NamedSharding(self.mesh, P(self.axes))
-        self.arrays = {k: jax.make_array_from_callback(v.shape, split, lambda i, v=v: v[i]) for k, v in host.items()}
+        self.arrays = split_rows(self.mesh, host)
         self.sizes = self.replicate(sizes.astype(np.int32))
 
     def replicate(self, tree):
-        """Host or device arrays (router parameters, bucket masks) copied to every device of the mesh."""
-        rep = NamedSharding(self.mesh, P())
-        return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), rep, lambda i, a=np.asarray(a): a[i]),
-                            tree)
+        return replicate(self.mesh, tree)
 
     def device_bytes(self) -> int:
-        """Bytes of the layout on each device (its shard of the offsets, vectors and ids)."""
-        return sum(int(a.addressable_shards[0].data.nbytes) for a in self.arrays.values())
+        return device_bytes(self.arrays)
 
     def capacity(self, n_probe: int, budget: int = 0) -> int:
         """Static slab width for a setting: the most rows a shard can visit for one query (its n_probe
@@ -186,12 +199,14 @@ class ShardedPartition:
             host["vectors"] = np.zeros((n_shards, n_max, vectors.shape[1]), np.float32)
             for s in range(n_shards):
                 host["vectors"][s, :len(rows[s::n_shards])] = vectors[s::n_shards]
-        split = NamedSharding(self.mesh, P(self.axes))
-        self.arrays = {k: jax.make_array_from_callback(v.shape, split, lambda i, v=v: v[i]) for k, v in host.items()}
+        self.arrays = split_rows(self.mesh, host)
         self.n_reps = n_reps
 
-    replicate = ShardedLayout.replicate
-    device_bytes = ShardedLayout.device_bytes
+    def replicate(self, tree):
+        return replicate(self.mesh, tree)
+
+    def device_bytes(self) -> int:
+        return device_bytes(self.arrays)
 
     def block_size(self, m: int, width: int, largest: int) -> int:
         """Queries per block: a power of two keeping the hits [block, R m S] x `width` floats under

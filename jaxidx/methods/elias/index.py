@@ -1,18 +1,24 @@
 """The searchable ELIAS index: encoder -> top-b clusters -> `merge_topk(agg="max")` over the adjacency
 as a soft partition with R = 1 (the K best paths) -> label classifiers on that shortlist -> top k.
-The host (C++) and device (JAX) merge give identical results."""
+backend="device" runs all of it as one jitted function over the label shards of `shard(mesh)`; it
+gives the host's results."""
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxidx import search as kernels
 from jaxidx.index import Index, is_int, query_blocks, sparse_rows
 from jaxidx.methods.common import SearchResult, check_tokens
 from jaxidx.methods.elias.graph import soft_partition
-from jaxidx.methods.elias.maths import encoder_input, log_edge_weights, make_encoder, rank_shortlist, route_clusters
+from jaxidx.methods.elias.maths import (encoder_input, label_logits, log_edge_weights, make_encoder, rank_shortlist,
+                                       route_clusters)
+from jaxidx.search.sharded import default_mesh, device_bytes, replicate, split_rows
 
 class ELIASIndex(Index):
     """A trained ELIAS model and its adjacency as a soft one-repetition partition.
@@ -31,7 +37,6 @@ class ELIASIndex(Index):
         self.n_clusters = int(self.info["n_clusters"])
         self._route = jax.jit(partial(route_clusters, self.encoder, self.config.model.alpha), static_argnames="beam")
         self._rank = jax.jit(rank_shortlist, static_argnames="k")
-        self._max_bucket = kernels.device.max_bucket_size_of(self.arrays["offsets"])
         self.params = jax.device_put(self.params)
 
     @classmethod
@@ -60,12 +65,34 @@ class ELIASIndex(Index):
             check_tokens(x.get("tokens"), int(self.info["vocab_size"]), int(self.info["token_len"]))
         return x
 
-    def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
-        """The host path with the merge on the device too (`search.device.merge_topk`): encoder, beam,
-        merge and label ranking all run as jitted JAX, one device."""
-        return self._query(queries, setting, k, device=True)
+    def shard(self, mesh=None) -> "ELIASIndex":
+        """Split the labels over the devices of `mesh` (label l on shard l mod D): each device holds its
+        labels' edges of the adjacency and their classifier rows; encoder and cluster classifier are
+        replicated. A search block encodes and beams on every device, merges its own labels' paths into
+        a local shortlist, scores it with its classifier rows, and one all_gather picks the global
+        shortlist (the K best paths) and the top k in it: the host's results on tie-free data."""
+        self._sharded = ShardedLabels(self.arrays["offsets"][0], self.arrays["members"][0], self.arrays["weights"][0],
+                                     self.params, self.n_clusters, mesh)
+        return self
 
-    def _query(self, queries, setting: dict, k: int, device: bool = False) -> SearchResult:
+    def _query_device(self, queries, setting: dict, k: int) -> SearchResult:
+        """Encoder, beam, merge and label ranking as one jitted function per query block over the label
+        shards of `shard(mesh)` (default: the first device)."""
+        if self._sharded is None:
+            self.shard(default_mesh(jax.devices()[:1]))
+        cfg, sh = self.config, self._sharded
+        beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
+        K = setting.get("shortlist", cfg.model.shortlist)
+        out_ids, out_scores, out_cand = [], [], []
+        for batch, n in query_blocks(queries, cfg.search.query_batch):
+            x = encoder_input(cfg.model.input, batch, self.dim)
+            top, score, n_cand = sh.search(self.encoder, cfg.model.alpha, x, beam=beam, shortlist=K, k=min(k, K))
+            out_ids.append(np.asarray(top)[:n])
+            out_scores.append(np.asarray(score)[:n])
+            out_cand.append(np.asarray(n_cand)[:n])
+        return _padded(np.concatenate(out_ids), np.concatenate(out_scores), np.concatenate(out_cand), k)
+
+    def _query(self, queries, setting: dict, k: int) -> SearchResult:
         cfg = self.config
         beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
         K = setting.get("shortlist", cfg.model.shortlist)
@@ -74,21 +101,90 @@ class ELIASIndex(Index):
         for batch, n in query_blocks(queries, cfg.search.query_batch):
             x = encoder_input(cfg.model.input, batch, self.dim)
             phi, cids, cscores = self._route(self.params, x, beam=beam)
-            if device:
-                ids, paths, _, n_cand = kernels.device.merge_topk(
-                    cids[:, None, :], cscores[:, None, :], offsets, members, weights, K, 1, "max",
-                    max_bucket_size=self._max_bucket)
-            else:
-                ids, paths, _, n_cand = kernels.host.merge_topk(
-                    np.asarray(cids)[:, None, :], np.asarray(cscores)[:, None, :], offsets, members, weights, K, 1,
-                    "max", len(self), cfg.search.n_threads)
+            ids, paths, _, n_cand = kernels.host.merge_topk(
+                np.asarray(cids)[:, None, :], np.asarray(cscores)[:, None, :], offsets, members, weights, K, 1,
+                "max", len(self), cfg.search.n_threads)
             top, score = self._rank(self.params, phi, ids, paths, k=min(k, K))
-            top, score = np.asarray(top)[:n], np.asarray(score)[:n]
-            if k > K:
-                pad = ((0, 0), (0, k - K))
-                top, score = np.pad(top, pad, constant_values=-1), np.pad(score, pad, constant_values=-np.inf)
-            out_ids.append(top)
-            out_scores.append(score)
+            out_ids.append(np.asarray(top)[:n])
+            out_scores.append(np.asarray(score)[:n])
             out_cand.append(np.asarray(n_cand)[:n])
-        return SearchResult(ids=np.concatenate(out_ids).astype(np.int32), scores=np.concatenate(out_scores),
-                            n_candidates=np.concatenate(out_cand))
+        return _padded(np.concatenate(out_ids), np.concatenate(out_scores), np.concatenate(out_cand), k)
+
+
+def _padded(ids, scores, n_cand, k: int) -> SearchResult:
+    """Results of a shortlist shorter than k padded with -1 / -inf to k columns."""
+    if k > ids.shape[1]:
+        pad = ((0, 0), (0, k - ids.shape[1]))
+        ids, scores = np.pad(ids, pad, constant_values=-1), np.pad(scores, pad, constant_values=-np.inf)
+    return SearchResult(ids=ids.astype(np.int32), scores=scores, n_candidates=n_cand)
+
+
+class ShardedLabels:
+    """ELIAS's labels split over a mesh (see `ELIASIndex.shard`): per shard the adjacency CSR of its labels
+    (offsets [C+1], members = local label rows, weights) and the classifier rows of its labels."""
+
+    def __init__(self, offsets, members, weights, params, n_clusters: int, mesh=None):
+        self.mesh = default_mesh() if mesh is None else mesh
+        self.axes = tuple(self.mesh.axis_names)
+        D = self.mesh.devices.size
+        cluster = np.repeat(np.arange(n_clusters), np.diff(offsets))
+        members, weights = np.asarray(members[:offsets[-1]]), np.asarray(weights[:offsets[-1]])
+        per_shard = [members % D == s for s in range(D)]
+        m_max = max(1, max(int(p.sum()) for p in per_shard))
+        host = {"offsets": np.zeros((D, 1, n_clusters + 1), np.int32), "members": np.zeros((D, 1, m_max), np.int32),
+                "weights": np.zeros((D, 1, m_max), np.float32)}
+        self.max_bucket = 1
+        for s, mine in enumerate(per_shard):
+            sizes = np.bincount(cluster[mine], minlength=n_clusters)
+            host["offsets"][s, 0, 1:] = np.cumsum(sizes)
+            host["members"][s, 0, :mine.sum()] = members[mine] // D
+            host["weights"][s, 0, :mine.sum()] = weights[mine]
+            self.max_bucket = max(self.max_bucket, int(sizes.max(initial=0)))
+
+        def rows(a):  # classifier rows l = j * D + s of shard s, zero-padded
+            a = np.asarray(a)
+            per = -(-a.shape[0] // D)
+            out = np.zeros((D, per) + a.shape[1:], a.dtype)
+            for s in range(D):
+                out[s, :len(a[s::D])] = a[s::D]
+            return out
+
+        self.arrays = split_rows(self.mesh, host)
+        self.labels = split_rows(self.mesh, jax.tree.map(rows, params["labels"]))
+        self.rest = replicate(self.mesh, {k: v for k, v in params.items() if k != "labels"})
+
+    def device_bytes(self) -> int:
+        """Bytes of the adjacency and the label classifier on each device."""
+        return device_bytes((self.arrays, self.labels))
+
+    def search(self, encoder, alpha: float, x, *, beam: int, shortlist: int, k: int):
+        """One block of queries: (label ids [Q, k] (-1 = none), scores [Q, k], labels hit [Q])."""
+        fn = _labels_fn(self.mesh, self.axes, encoder, alpha, beam, shortlist, k, self.max_bucket)
+        return fn(self.rest, self.labels, self.arrays["offsets"], self.arrays["members"], self.arrays["weights"],
+                  replicate(self.mesh, x))
+
+
+@functools.lru_cache(maxsize=32)
+def _labels_fn(mesh, axes, encoder, alpha, beam, K, k, max_bucket):
+    from jaxidx.search.device import _merge_topk, _rank_key, _take_top
+    D = mesh.devices.size
+
+    def local(rest, labels, offsets, members, weights, x):
+        labels = jax.tree.map(lambda a: a[0], labels)
+        phi, cids, cscores = route_clusters(encoder, alpha, rest, x, beam)
+        ids, paths, _, n_cand = _merge_topk(cids[:, None, :], cscores[:, None, :], offsets[0], members[0], weights[0],
+                                            k=K, min_count=1, agg="max", max_bucket_size=max_bucket)
+        final = jnp.where(ids >= 0, paths * jax.nn.sigmoid(label_logits(labels, phi, ids, dense=False)), -jnp.inf)
+        gid = jnp.where(ids >= 0, ids * D + jax.lax.axis_index(axes), -1)
+        gather = lambda a: jax.lax.all_gather(a, axes, axis=1, tiled=True)  # noqa: E731
+        gid, paths, final = gather(gid), gather(paths), gather(final)
+        by_id = jnp.argsort(jnp.where(gid >= 0, gid, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
+        gid, paths, final = (jnp.take_along_axis(a, by_id, 1) for a in (gid, paths, final))
+        # The global shortlist: the K best paths (equal paths: smaller id first), in path order as on the host.
+        sid, sfinal = _take_top(_rank_key(paths, gid >= 0), K, [(gid, -1), (final, -jnp.inf)])
+        top, pos = jax.lax.top_k(sfinal, k)
+        return jnp.where(top > -jnp.inf, jnp.take_along_axis(sid, pos, 1), -1), top, jax.lax.psum(n_cand, axes)
+
+    split = P(axes)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, split, split, P()),
+                                 out_specs=(P(), P(), P()), check_vma=False))
