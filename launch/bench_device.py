@@ -30,6 +30,7 @@ flags.DEFINE_list("methods", ["lmi", "irli"], "Methods (auto presets) trained an
 flags.DEFINE_list("batch_sizes", ["1000", "10000"], "Queries per device call.")
 flags.DEFINE_integer("epochs", 0, "Training epochs of every method (0 = the auto preset's).")
 flags.DEFINE_integer("max_settings", 0, "Search only the first N settings of each index (0 = all).")
+flags.DEFINE_bool("host", True, "Also search each index with backend='host' (the C++ kernels, every core).")
 flags.DEFINE_list("shards", ["1"], "Device counts to shard each index over (the first N devices; on CPU simulate "
                   "them with JAX_NUM_CPU_DEVICES): bytes per device and results beside one device.")
 flags.DEFINE_string("out", "benchmarks/bench_device.json", "JSON result path.")
@@ -46,19 +47,20 @@ def train_figures(workdir: str) -> dict:
             "mfu": med("train/mfu")}
 
 
-def search_rows(index, data, batch: int, max_settings: int = 0) -> list[dict]:
-    """The index's search settings (the first `max_settings`, 0 = all) on the device with `batch` queries
+def search_rows(index, data, batch: int, max_settings: int = 0, backend: str = "device") -> list[dict]:
+    """The index's search settings (the first `max_settings`, 0 = all) on `backend` with `batch` queries
     per call: recall@10 and queries/s."""
     rows = []
     index.config.search.query_batch = batch
     for setting in index.config.search.settings[:max_settings or None]:
-        setting = dict(setting, backend="device")
+        setting = dict(setting, backend=backend)
         index.query(data.queries[:batch], setting, 10)  # compile for this block shape
         t0 = time.perf_counter()
         res = index.query(data.queries, setting, 10)
         sec = time.perf_counter() - t0
         dist = np.where(res.ids >= 0, benchmark_distance(res.scores, data.metric), np.inf)
-        rows.append(dict(bench.ann_row(f"{index.method} (B {index.stats()['n_buckets']})",
+        rows.append(dict(bench.ann_row(f"{index.method} (B {index.stats()['n_buckets']})" + ("" if backend == "device"
+                                                                                          else f" {backend}"),
                                        {k: v for k, v in setting.items() if k != "backend"}, res.ids, dist,
                                        float(res.n_candidates.mean()), sec, data), batch=batch))
     return rows
@@ -121,6 +123,9 @@ def main(argv):
             index = jaxidx.fit(method, data, workdir=wd, progress=False, **overrides)
             training[method] = {"build_seconds": time.perf_counter() - t0, **train_figures(wd)}
             nlist = nlist or index.stats()["n_buckets"]
+            if FLAGS.host:
+                index.config.search.n_threads = 0  # every core, as the device backend may use
+                rows += [dict(r, devices=0) for b in batches for r in search_rows(index, data, b, max_settings, "host")]
             for n_dev in [int(n) for n in FLAGS.shards]:
                 index.shard(default_mesh(jax.devices()[:n_dev]))
                 for batch in batches:
