@@ -540,8 +540,7 @@ def _offsets_of(sizes: np.ndarray) -> np.ndarray:
 @partial(jax.jit, static_argnums=(0, 3))
 def _best_leaves(route, params, x, m):
     """The m most probable leaves of each row, best first, and the log-probability margin of the first."""
-    val, idx = jax.lax.top_k(route(params, x), m)
-    return idx, val[:, 0] - val[:, min(1, m - 1)]
+    return km.top_k_margin(route(params, x), m)
 
 
 def mean_scores(means: jax.Array, x: jax.Array) -> jax.Array:

@@ -22,11 +22,17 @@ import numpy as np
 from jaxidx.search.reference import check_options
 
 __all__ = ["merge_topk", "rerank_topk", "topk_rows", "max_bucket_size_of", "csr_to_padded", "lane_sum",
-           "distances"]
+           "distances", "top_k"]
 
 _NOT_CANDIDATE = np.iinfo(np.int32).min  # rank keys: below NaN, which is below every number
 _NAN = _NOT_CANDIDATE + 1
 _NO_ITEM = np.iinfo(np.int32).max  # sorts the empty hit slots last
+
+
+def top_k(x, k: int):
+    """lax.top_k behind an optimization barrier: XLA:CPU turns a TopK whose values are sliced in the same
+    fusion (a k-th value, a margin) into a full sort, 15-20x slower at 512-1024 columns."""
+    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
 
 
 def _zero_to_plus(x):
@@ -142,7 +148,7 @@ def _accumulate(bucket_ids, bucket_scores, offsets, members, weights, agg, max_b
 def _candidates(count, k, min_count):
     """Items hit in >= t repetitions, t = the largest value <= min_count that k items reach, else 1."""
     if min_count > 1 and k <= count.shape[1]:
-        kth_count = jax.lax.top_k(count, k)[0][:, k - 1]
+        kth_count = top_k(count, k)[0][:, k - 1]
         threshold = jnp.maximum(1, jnp.minimum(min_count, kth_count))[:, None]
     else:
         threshold = 1

@@ -103,8 +103,9 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
         progress: bool = True, epochs: Optional[int] = None, seconds_before: float = 0.0) -> FitResult:
     """Train `task` for `epochs` (default `config.train.epochs`), resuming from `workdir` if it holds a checkpoint.
 
-    `train_seconds` counts from `seconds_before` (earlier stages' training time), so the last
-    stage's checkpoints and eval.json hold the whole run's training time.
+    `train_seconds` counts from `seconds_before` (earlier stages' training time) and includes the
+    method's init (k-means, clustering), so the last stage's checkpoints and eval.json hold the whole
+    run's build time.
     """
     tc = config.train
     n_data = mesh_lib.data_size(mesh)
@@ -126,6 +127,7 @@ def fit(task: Trainable, config, workdir: str, mesh: Mesh, *, data_fingerprint: 
         t_init = time.perf_counter()
         params, aux = task.init(jax.random.key(config.seed))
         phases["init_s"] = time.perf_counter() - t_init
+        train_seconds += phases["init_s"]  # a build's time includes its k-means / clustering / neighbours
         state = state_lib.create(params, tx)
         state = jax.device_put(state, state_lib.state_shardings(state, mesh, task.leaf_spec))
     shardings = state_lib.state_shardings(state, mesh, task.leaf_spec)
