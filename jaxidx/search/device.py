@@ -32,7 +32,8 @@ _NO_ITEM = np.iinfo(np.int32).max  # sorts the empty hit slots last
 def top_k(x, k: int):
     """lax.top_k behind an optimization barrier: XLA:CPU turns a TopK whose values are sliced in the same
     fusion (a k-th value, a margin) into a full sort, 15-20x slower at 512-1024 columns."""
-    return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+    val, idx = jax.lax.top_k(x, k)
+    return jax.lax.optimization_barrier(val), idx  # (a barrier on the (val, idx) tuple crashes XLA's SPMD passes)
 
 
 def _zero_to_plus(x):
