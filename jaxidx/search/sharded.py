@@ -58,6 +58,14 @@ def device_bytes(tree) -> int:
     return sum(int(a.addressable_shards[0].data.nbytes) for a in jax.tree.leaves(tree))
 
 
+def gather_by_id(axes, ids: jax.Array, *values: jax.Array) -> list[jax.Array]:
+    """Inside a shard_map: every shard's ids [Q, n] and values side by side [Q, D n], columns in ascending
+    id (-1, none, last), so a top-k over them puts equal values in id order whatever the shard count."""
+    ids, *values = (jax.lax.all_gather(a, axes, axis=1, tiled=True) for a in (ids, *values))
+    order = jnp.argsort(jnp.where(ids >= 0, ids, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
+    return [jnp.take_along_axis(a, order, 1) for a in (ids, *values)]
+
+
 def runs_to_rows(starts: jax.Array, lens: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     """The rows of each query's runs (starts, lens [Q, P]) in run order, padded to `capacity`:
     (rows [Q, capacity], valid [Q, capacity]). Rows beyond a query's total are 0 and not valid."""
@@ -149,8 +157,7 @@ def _search_fn(mesh, axes, route_fn, n_probe, budget, k, metric, capacity):
         rows, valid = runs_to_rows(starts, lens, capacity)
         dist = distances(x[:, None, :], vectors[rows], metric)
         top_ids, top_dist = _take_top(_rank_key(-dist, valid), k, [(ids[rows], -1), (dist, jnp.inf)])
-        all_ids = jax.lax.all_gather(top_ids, axes, axis=1, tiled=True)  # [Q, D * k]
-        all_dist = jax.lax.all_gather(top_dist, axes, axis=1, tiled=True)
+        all_ids, all_dist = gather_by_id(axes, top_ids, top_dist)  # [Q, D * k]
         out_ids, out_dist = _take_top(_rank_key(-all_dist, all_ids >= 0), k, [(all_ids, -1), (all_dist, jnp.inf)])
         return out_ids, out_dist, jax.lax.psum(lens.sum(1), axes)
 
@@ -246,10 +253,7 @@ def _partition_fn(mesh, axes, route_fn, m, min_count, k, metric, max_bucket):
             value = distances(x[:, None, :], vectors[jnp.where(cand, item, 0)], metric)
             key, pad = _rank_key(-value, cand), jnp.inf
         top_ids, top_val = _take_top(key, k, [(ids[jnp.where(cand, item, 0)], -1), (value, pad)])
-        all_ids = jax.lax.all_gather(top_ids, axes, axis=1, tiled=True)
-        all_val = jax.lax.all_gather(top_val, axes, axis=1, tiled=True)
-        by_id = jnp.argsort(jnp.where(all_ids >= 0, all_ids, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
-        all_ids, all_val = jnp.take_along_axis(all_ids, by_id, 1), jnp.take_along_axis(all_val, by_id, 1)
+        all_ids, all_val = gather_by_id(axes, top_ids, top_val)
         all_key = _rank_key(all_val if vectors is None else -all_val, all_ids >= 0)  # equal values: smaller id first
         out_ids, out_val = _take_top(all_key, k, [(all_ids, -1), (all_val, pad)])
         return out_ids, out_val, jax.lax.psum(cand.sum(1, dtype=jnp.int32), axes)

@@ -18,7 +18,7 @@ from jaxidx.methods.common import SearchResult, check_tokens
 from jaxidx.methods.elias.graph import soft_partition
 from jaxidx.methods.elias.maths import (encoder_input, label_logits, log_edge_weights, make_encoder, rank_shortlist,
                                        route_clusters)
-from jaxidx.search.sharded import default_mesh, device_bytes, replicate, split_rows
+from jaxidx.search.sharded import default_mesh, device_bytes, gather_by_id, replicate, split_rows
 
 class ELIASIndex(Index):
     """A trained ELIAS model and its adjacency as a soft one-repetition partition.
@@ -176,10 +176,7 @@ def _labels_fn(mesh, axes, encoder, alpha, beam, K, k, max_bucket):
                                             k=K, min_count=1, agg="max", max_bucket_size=max_bucket)
         final = jnp.where(ids >= 0, paths * jax.nn.sigmoid(label_logits(labels, phi, ids, dense=False)), -jnp.inf)
         gid = jnp.where(ids >= 0, ids * D + jax.lax.axis_index(axes), -1)
-        gather = lambda a: jax.lax.all_gather(a, axes, axis=1, tiled=True)  # noqa: E731
-        gid, paths, final = gather(gid), gather(paths), gather(final)
-        by_id = jnp.argsort(jnp.where(gid >= 0, gid, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
-        gid, paths, final = (jnp.take_along_axis(a, by_id, 1) for a in (gid, paths, final))
+        gid, paths, final = gather_by_id(axes, gid, paths, final)
         # The global shortlist: the K best paths (equal paths: smaller id first), in path order as on the host.
         sid, sfinal = _take_top(_rank_key(paths, gid >= 0), K, [(gid, -1), (final, -jnp.inf)])
         top, pos = jax.lax.top_k(sfinal, k)
