@@ -96,6 +96,23 @@ def faiss_rows(data, nlist: int, batch: int) -> list[dict]:
     return rows
 
 
+def update_row(index, data, n_dev: int) -> dict:
+    """On the largest device count: seconds of re-placing the whole index on its shards beside an add of
+    1% more vectors (host placement included; they go to the least filled shard) and their removal,
+    and how many shards each rebuilt."""
+    t0 = time.perf_counter()
+    index.shard(index._sharded.mesh)
+    jax.block_until_ready(index._sharded.arrays)
+    row = {"method": index.method, "devices": n_dev, "reshard_seconds": time.perf_counter() - t0}
+    new = data.base[:max(1, len(data.base) // 100)]
+    for op, arg in (("add", new), ("remove", None)):
+        t0 = time.perf_counter()
+        ids = index.add(arg) if op == "add" else index.remove(ids)
+        jax.block_until_ready(index._sharded.arrays)
+        row.update({f"{op}_seconds": time.perf_counter() - t0, f"{op}_shards_rebuilt": len(index._sharded.rebuilt)})
+    return dict(row, n_added=len(new))
+
+
 def peak_memory() -> dict:
     """Peak bytes in use on each local device, where the backend reports it (GPUs do; CPUs do not)."""
     out = {}
@@ -114,7 +131,7 @@ def main(argv):
     epochs = FLAGS.epochs or (1 if FLAGS.cpu else 0)
     max_settings = FLAGS.max_settings or (3 if FLAGS.cpu else 0)
     data = load(spec)
-    rows, training, nlist = [], {}, None
+    rows, training, updates, nlist = [], {}, [], None
     with tempfile.TemporaryDirectory() as tmp:
         for method in FLAGS.methods:
             wd = os.path.join(tmp, method)
@@ -131,6 +148,7 @@ def main(argv):
                 for batch in batches:
                     rows += [dict(r, devices=n_dev, bytes_per_device=index.device_bytes())
                              for r in search_rows(index, data, batch, max_settings)]
+            updates.append(update_row(index, data, n_dev))
     for batch in batches:
         rows += faiss_rows(data, nlist, batch)
     for r in rows:  # one method name per device count, so the summary keeps them apart
@@ -139,7 +157,7 @@ def main(argv):
                for b in batches for m in dict.fromkeys(r["method"] for r in rows if r["batch"] == b)]
     out = {"machine": bench.machine(), "command": bench.command(), "backend": jax.default_backend(),
            "devices": [str(d) for d in jax.devices()], "data": data.name, "n_queries": int(len(data.queries)),
-           "training": training, "peak_memory_bytes": peak_memory(), "rows": rows, "at_recall_0.90": summary}
+           "training": training, "updates": updates, "peak_memory_bytes": peak_memory(), "rows": rows, "at_recall_0.90": summary}
     bench.write_json(FLAGS.out, out)
     print(out["machine"], "| backend", out["backend"], "|", len(out["devices"]), "device(s)")
     print(format_results([{"method": r["method"], "batch": r["batch"], **r["setting"],
@@ -147,6 +165,8 @@ def main(argv):
                                                     "bytes_per_device")}} for r in rows]))
     print("\nat recall@10 >= 0.90:")
     print(format_results(summary))
+    print("\nadd / remove on the sharded index (1% of the base) beside re-placing every shard:")
+    print(format_results(updates))
     print("\ntraining:", json.dumps(training))
     print("peak device memory:", out["peak_memory_bytes"] or "not reported by this backend")
     print(f"results: {FLAGS.out}")

@@ -135,6 +135,54 @@ def test_eight_devices_equal_one_and_host(all_saved):
         assert got["8"]["bytes"] < got["1"]["bytes"] / 4, name  # each device holds about 1/8 of the items
 
 
+_ADD_SCRIPT = """
+import json, sys, jax, numpy as np
+import jaxidx
+from jaxidx.data import load
+from jaxidx.search.sharded import default_mesh
+out = {}
+for name, (path, spec, settings) in json.loads(sys.argv[-1]).items():
+    data = load(spec)
+    host, index = jaxidx.load(path), jaxidx.load(path).shard(default_mesh())
+    sh = index._sharded
+    ptrs = lambda: {s.device.id: s.data.unsafe_buffer_pointer() for s in sh.arrays["ids"].addressable_shards}
+    run = lambda ix: {json.dumps(s): [a.tolist() for a in ix.search(data.queries, 10, backend=ix is index and "device"
+                                                                       or "host", **s)] for s in settings}
+    steps = []
+    for op, arg in [("add", 9), ("remove", "mixed"), ("add", len(data.base))]:  # the last outgrows the headroom
+        before = ptrs()
+        if op == "add":
+            new = host.add(data.queries[:arg])
+            assert (index.add(data.queries[:arg]) == new).all()
+        else:
+            gone = np.concatenate([new[:3], np.arange(0, 400, 101)])
+            host.remove(gone)
+            index.remove(gone)
+        after = ptrs()
+        steps.append({"op": op, "rebuilt": sorted(sh.rebuilt), "moved": sorted(d for d in after if after[d] != before[d]),
+                      "equal": run(index) == run(host)})
+    out[name] = steps
+print(json.dumps(out))
+"""
+
+
+def test_add_and_remove_rebuild_only_the_shards_they_touch(all_saved):
+    """On 8 devices: an add goes to one shard (the least filled) and leaves the others' device buffers as
+    they were; a remove rebuilds only the shards holding the removed items; an add beyond a shard's
+    headroom re-allocates every shard. After each, the device results are the host index's."""
+    cases = {name: (path, data.name, settings) for name, (path, data, settings) in all_saved.items()
+             if data.task == "ann"}
+    out = run_python(_ADD_SCRIPT.replace("sys.argv[-1]", repr(json.dumps(cases))),
+                     {"JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert set(out) == {"lmi-euclidean", "lmi-angular", "irli-euclidean"}
+    for name, (add, remove, grow) in out.items():
+        assert add["equal"] and remove["equal"] and grow["equal"], name
+        assert len(add["rebuilt"]) == 1 and len(add["moved"]) == 1, (name, add)
+        assert 1 < len(remove["rebuilt"]) < 8 and len(remove["moved"]) == len(remove["rebuilt"]), (name, remove)
+        assert add["rebuilt"][0] in remove["rebuilt"], name  # three of the added items were removed
+        assert grow["rebuilt"] == list(range(8)) and len(grow["moved"]) == 8, (name, grow)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -384,9 +384,8 @@ class IRLIIndex(Index):
         return SearchResult(ids=top, scores=dist, n_candidates=n_unique)
 
     def shard(self, mesh=None) -> "IRLIIndex":
-        self._sharded = ShardedPartition(self.arrays["offsets"], self.arrays["members"], self._item_ids(),
+        self._sharded = ShardedPartition(self._row_buckets(), self.n_buckets, self._item_ids(),
                                            self.arrays.get("vectors"), mesh)
-        self._sharded_members = self.arrays["members"]
         self._sharded_params = self._sharded.replicate(self.params)
         return self
 
@@ -403,8 +402,6 @@ class IRLIIndex(Index):
             return self._search_mach(queries, k)
         if self._sharded is None:
             self.shard(default_mesh(jax.devices()[:1]))
-        elif self._sharded_members is not self.arrays["members"]:  # add / remove changed the partition
-            self.shard(self._sharded.mesh)
         part, m = self._sharded, setting["m"]
         ann = self.task == "ann"
         block = part.block_size(m, self.dim if ann else 4, self.config.search.query_batch)
@@ -510,6 +507,8 @@ class IRLIIndex(Index):
         self.arrays.update(vectors=np.ascontiguousarray(vectors[order]), ids=ids[order],
                            **_csr(np.ascontiguousarray(assign[:, order]), self.n_buckets))
         self.info["n_items"] = len(ids)
+        if self._sharded is not None:  # the shards whose items changed follow
+            self._sharded.update(self._row_buckets(), self.arrays["ids"], self.arrays["vectors"])
 
 
 IRLI.index_type = IRLIIndex

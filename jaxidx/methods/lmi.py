@@ -524,10 +524,12 @@ class LMIIndex(Index):
         self._drop_device_state()
 
     def _drop_device_state(self) -> None:
-        """After add / remove: the leaf means are recomputed, and a sharded layout is rebuilt on its mesh."""
+        """After add / remove: the leaf means are recomputed, and a sharded layout rebuilds the shards
+        whose items changed."""
         self._centroids = None
         if self._sharded is not None:
-            self.shard(self._sharded.mesh)
+            self._sharded.update(self.arrays["offsets"][0], self.arrays["vectors"], self.arrays["ids"])
+            self._sharded_params = {}
 
 
 LMI.index_type = LMIIndex

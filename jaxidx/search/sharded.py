@@ -1,10 +1,11 @@
 """Exact search of a bucket-contiguous index on devices: static shapes, items sharded over a mesh.
 
 `ShardedLayout` splits an index's rows over every device of a mesh: layout row i goes to shard
-i mod D, so each shard holds about 1/D of every bucket and a query's work is even across devices.
-Each shard keeps its own bucket-contiguous layout (offsets [B+1], vectors [n_max, d] with padded
-rows never read, and the item id of each row), and is placed on its device only (a process places
-only its own devices' shards, so the same code serves several hosts under `jax.distributed`).
+i mod D, so each shard holds about 1/D of every bucket and a query's work is even across devices
+(later adds go to the least filled shard, see `_ShardedItems`). Each shard keeps its own
+bucket-contiguous layout (offsets [B+1], vectors [n_rows, d] with padded rows never read, and the
+item id of each row), and is placed on its device only (a process places only its own devices'
+shards, so the same code serves several hosts under `jax.distributed`).
 
 One search block is one jitted `shard_map`: every device routes the same queries to the same
 ranked buckets and decides which it visits from the global bucket sizes (so the visited set is the
@@ -78,45 +79,115 @@ def runs_to_rows(starts: jax.Array, lens: jax.Array, capacity: int) -> tuple[jax
     return jnp.where(valid, row, 0), valid
 
 
-class ShardedLayout:
-    """An index's bucket-contiguous rows split over a mesh (see the module docstring).
+class _ShardedItems:
+    """Items split over the devices of a mesh, each shard's arrays on its own device.
 
-    offsets [B+1] (bucket b's rows are offsets[b]:offsets[b+1]), vectors [N, d] float32 in that order,
-    ids [N] the item id of each row (below 2^31: device ids are int32)."""
+    The shard of every item is kept by id: the first placement deals the host's rows round robin
+    (row i to shard i mod D); after add / remove (`update` with the host's new arrays) items keep their
+    shard, new ones all go to the least filled shard, and only the shards whose items changed are
+    rebuilt and sent to their device, so an add moves one shard's bytes, not the index's. Each shard is
+    allocated 1/HEADROOM more rows than it holds to take adds in place; a shard that outgrows that
+    re-allocates every shard (with the same headroom again). A process builds only the shards of its
+    own devices, so the same code serves several hosts under `jax.distributed`."""
 
-    def __init__(self, offsets: np.ndarray, vectors: np.ndarray, ids: np.ndarray, mesh: Mesh | None = None):
+    HEADROOM = 8
+
+    def __init__(self, mesh: Mesh | None):
         self.mesh = default_mesh() if mesh is None else mesh
         self.axes = tuple(self.mesh.axis_names)
-        n_shards = self.mesh.devices.size
-        offsets = np.asarray(offsets, np.int64)
-        sizes = np.diff(offsets)
-        n, d = vectors.shape
-        if len(ids) and int(np.max(ids)) >= 2**31:
-            raise ValueError(f"shard: item ids must be below 2^31 on devices, the largest is {int(np.max(ids))}")
-        bucket = np.repeat(np.arange(len(sizes)), sizes)
-        shard_of_row = np.arange(n) % n_shards
-        local_sizes = np.stack([np.bincount(bucket[shard_of_row == s], minlength=len(sizes))
-                                for s in range(n_shards)])
-        n_max = max(1, int(local_sizes.sum(1).max()))
-        self.local_sizes = local_sizes  # [D, B], for the static capacity of a setting
-        self.global_sizes = sizes
-        self.n_items, self.dim = n, d
-        host = {"offsets": np.zeros((n_shards, len(sizes) + 1), np.int32),
-                "vectors": np.zeros((n_shards, n_max, d), np.float32),
-                "ids": np.full((n_shards, n_max), -1, np.int32)}
-        for s in range(n_shards):
-            rows = np.flatnonzero(shard_of_row == s)
-            host["offsets"][s, 1:] = np.cumsum(local_sizes[s])
-            host["vectors"][s, :len(rows)] = vectors[rows]
-            host["ids"][s, :len(rows)] = ids[rows]
-        self.arrays = split_rows(self.mesh, host)
-        self.sizes = self.replicate(sizes.astype(np.int32))
+        self.n_shards = self.mesh.devices.size
+        self.n_rows = 0  # rows allocated per shard
+        self.arrays: dict | None = None
+        self.rebuilt: set[int] = set()  # the shards the last placement sent to their devices
+        self._keys = self._shard_of_key = None  # item ids, sorted, and the shard of each
 
     def replicate(self, tree):
         return replicate(self.mesh, tree)
 
     def device_bytes(self) -> int:
         return device_bytes(self.arrays)
+
+    def _assign(self, ids: np.ndarray) -> tuple[np.ndarray, set]:
+        """The shard of every host row (by its id) and the shards whose items changed since the last call."""
+        ids = np.asarray(ids, np.int64)
+        if len(ids) and int(ids.max()) >= 2**31:
+            raise ValueError(f"shard: item ids must be below 2^31 on devices, the largest is {int(ids.max())}")
+        if self._keys is None:
+            shard, changed = (np.arange(len(ids)) % self.n_shards).astype(np.int32), set(range(self.n_shards))
+        else:
+            pos = np.minimum(np.searchsorted(self._keys, ids), max(len(self._keys) - 1, 0))
+            known = self._keys[pos] == ids if len(self._keys) else np.zeros(len(ids), bool)
+            shard = np.where(known, self._shard_of_key[pos] if len(self._keys) else 0, -1).astype(np.int32)
+            gone = np.ones(len(self._keys), bool)
+            gone[pos[known]] = False
+            changed = set(np.unique(self._shard_of_key[gone]).tolist())
+            if not known.all():
+                target = int(np.argmin(np.bincount(shard[known], minlength=self.n_shards)))
+                shard[~known] = target
+                changed.add(target)
+        order = np.argsort(ids, kind="stable")
+        self._keys, self._shard_of_key = ids[order], shard[order]
+        return shard, changed
+
+    def _place(self, ids: np.ndarray, block) -> np.ndarray:
+        """Assign the host rows (item `ids`) to shards and send the changed shards' blocks to their devices;
+        block(rows, n_rows) -> {name: host array [n_rows, ...]} builds one shard from its host rows.
+        Returns the shard of every host row."""
+        shard, changed = self._assign(ids)
+        held = int(np.bincount(shard, minlength=self.n_shards).max(initial=0))
+        if self.arrays is None or held > self.n_rows:
+            self.n_rows, changed = max(1, held + -(-held // self.HEADROOM)), set(range(self.n_shards))
+        split = NamedSharding(self.mesh, P(self.axes))
+        devices = {idx[0].start or 0: dev for dev, idx in split.addressable_devices_indices_map((self.n_shards,)).items()}
+        blocks = {s: block(np.flatnonzero(shard == s), self.n_rows) for s in devices if s in changed}
+        self.rebuilt = set(blocks)
+        if blocks:
+            old = {name: {sh.index[0].start or 0: sh.data for sh in a.addressable_shards}
+                   for name, a in (self.arrays or {}).items()}
+            self.arrays = {name: jax.make_array_from_single_device_arrays(
+                (self.n_shards,) + a.shape, split,
+                [jax.device_put(blocks[s][name][None], dev) if s in blocks else old[name][s]
+                 for s, dev in devices.items()]) for name, a in next(iter(blocks.values())).items()}
+        return shard
+
+
+def _padded(a: np.ndarray, n_rows: int, fill=0) -> np.ndarray:
+    """a [n, ...] followed by `fill` rows up to n_rows."""
+    out = np.full((n_rows,) + a.shape[1:], fill, a.dtype)
+    out[:len(a)] = a
+    return out
+
+
+class ShardedLayout(_ShardedItems):
+    """An index's bucket-contiguous rows split over a mesh (see the module docstring).
+
+    offsets [B+1] (bucket b's rows are offsets[b]:offsets[b+1]), vectors [N, d] float32 in that order,
+    ids [N] the item id of each row (below 2^31: device ids are int32). Each shard keeps its rows in the
+    host's order, so its own layout is bucket-contiguous too."""
+
+    def __init__(self, offsets: np.ndarray, vectors: np.ndarray, ids: np.ndarray, mesh: Mesh | None = None):
+        super().__init__(mesh)
+        self.update(offsets, vectors, ids)
+
+    def update(self, offsets: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Follow the host layout after add / remove: only the shards whose items changed are rebuilt."""
+        sizes = np.diff(np.asarray(offsets, np.int64))
+        n_buckets = len(sizes)
+        bucket = np.repeat(np.arange(n_buckets), sizes)
+
+        def block(rows, n_rows):
+            return {"offsets": np.concatenate([[0], np.cumsum(np.bincount(bucket[rows], minlength=n_buckets))]
+                                              ).astype(np.int32),
+                    "vectors": _padded(np.asarray(vectors[rows], np.float32), n_rows),
+                    "ids": _padded(np.asarray(ids[rows], np.int32), n_rows, -1)}
+
+        shard = self._place(ids, block)
+        # [D, B] rows of every bucket on every shard, for the static capacity of a setting
+        self.local_sizes = np.bincount(shard.astype(np.int64) * n_buckets + bucket,
+                                       minlength=self.n_shards * n_buckets).reshape(self.n_shards, n_buckets)
+        self.global_sizes = sizes
+        self.n_items, self.dim = vectors.shape
+        self.sizes = self.replicate(sizes.astype(np.int32))
 
     def capacity(self, n_probe: int, budget: int = 0) -> int:
         """Static slab width for a setting: the most rows a shard can visit for one query (its n_probe
@@ -166,54 +237,40 @@ def _search_fn(mesh, axes, route_fn, n_probe, budget, k, metric, capacity):
                                  out_specs=(P(), P(), P()), check_vma=False))
 
 
-class ShardedPartition:
-    """An R-repetition partition (IRLI) split over a mesh: item row i goes to shard i mod D, at local
-    row i // D, with its vector (ANN) and id; each shard keeps, per repetition, the CSR of its own rows
-    (offsets [R, B+1], members [R, n_max] local rows). A search block routes the same queries on every
-    device, counts each local item's hits over the R repetitions' top-m buckets (`device._accumulate`),
-    applies the host's count threshold (min_count, relaxed until k items qualify, from the counts
-    summed over the shards with one psum), and keeps its k best: by exact distance (ANN) or summed
-    bucket probability (XMC); one all_gather + top-k merges the shards."""
+class ShardedPartition(_ShardedItems):
+    """An R-repetition partition (IRLI) split over a mesh: each shard holds its items' ids, vectors (ANN)
+    and, per repetition, the CSR of its own rows (offsets [R, B+1], members [R, n_rows] local rows). A
+    search block routes the same queries on every device, counts each local item's hits over the R
+    repetitions' top-m buckets (`device._accumulate`), applies the host's count threshold (min_count,
+    relaxed until k items qualify, from the counts summed over the shards with one psum), and keeps its
+    k best: by exact distance (ANN) or summed bucket probability (XMC); one all_gather + top-k merges
+    the shards."""
 
-    def __init__(self, offsets: np.ndarray, members: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None,
+    def __init__(self, row_buckets: np.ndarray, n_buckets: int, ids: np.ndarray, vectors: np.ndarray | None,
                  mesh: Mesh | None = None):
-        self.mesh = default_mesh() if mesh is None else mesh
-        self.axes = tuple(self.mesh.axis_names)
-        n_shards = self.mesh.devices.size
-        offsets, members = np.asarray(offsets, np.int64), np.asarray(members)
-        n_reps, n_buckets = offsets.shape[0], offsets.shape[1] - 1
-        n = len(ids)
-        if n and int(np.max(ids)) >= 2**31:
-            raise ValueError(f"shard: item ids must be below 2^31 on devices, the largest is {int(np.max(ids))}")
-        n_max = max(1, -(-n // n_shards))
-        host = {"offsets": np.zeros((n_shards, n_reps, n_buckets + 1), np.int32),
-                "members": np.zeros((n_shards, n_reps, n_max), np.int32),
-                "ids": np.full((n_shards, n_max), -1, np.int32)}
-        rows = np.arange(n)
-        for s in range(n_shards):
-            host["ids"][s, :len(rows[s::n_shards])] = ids[s::n_shards]
-        self.max_bucket = 1
-        for r in range(n_reps):
-            bucket = np.repeat(np.arange(n_buckets), np.diff(offsets[r]))
-            mem = members[r, :offsets[r, -1]]
-            for s in range(n_shards):
-                mine = mem % n_shards == s  # CSR order kept: bucket-sorted
-                sizes = np.bincount(bucket[mine], minlength=n_buckets)
-                host["offsets"][s, r, 1:] = np.cumsum(sizes)
-                host["members"][s, r, :mine.sum()] = mem[mine] // n_shards
-                self.max_bucket = max(self.max_bucket, int(sizes.max(initial=0)))
-        if vectors is not None:
-            host["vectors"] = np.zeros((n_shards, n_max, vectors.shape[1]), np.float32)
-            for s in range(n_shards):
-                host["vectors"][s, :len(rows[s::n_shards])] = vectors[s::n_shards]
-        self.arrays = split_rows(self.mesh, host)
-        self.n_reps = n_reps
+        super().__init__(mesh)
+        self.n_reps, self.n_buckets = row_buckets.shape[0], n_buckets
+        self.update(row_buckets, ids, vectors)
 
-    def replicate(self, tree):
-        return replicate(self.mesh, tree)
+    def update(self, row_buckets: np.ndarray, ids: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Follow the host partition (row_buckets [R, N]: the bucket of every row in every repetition)
+        after add / remove: only the shards whose items changed are rebuilt."""
+        R, B = self.n_reps, self.n_buckets
 
-    def device_bytes(self) -> int:
-        return device_bytes(self.arrays)
+        def block(rows, n_rows):
+            out = {"offsets": np.zeros((R, B + 1), np.int32), "members": np.zeros((R, n_rows), np.int32),
+                   "ids": _padded(np.asarray(ids[rows], np.int32), n_rows, -1)}
+            for r in range(R):  # local rows bucket by bucket, in row order within a bucket (as on the host)
+                b = row_buckets[r, rows]
+                out["offsets"][r, 1:] = np.cumsum(np.bincount(b, minlength=B))
+                out["members"][r, :len(rows)] = np.argsort(b, kind="stable")
+            if vectors is not None:
+                out["vectors"] = _padded(np.asarray(vectors[rows], np.float32), n_rows)
+            return out
+
+        shard = self._place(ids, block)
+        self.max_bucket = max([1] + [int(np.bincount(shard.astype(np.int64) * B + row_buckets[r]).max(initial=0))
+                                     for r in range(R)])
 
     def block_size(self, m: int, width: int, largest: int) -> int:
         """Queries per block: a power of two keeping the hits [block, R m S] x `width` floats under
