@@ -256,6 +256,11 @@ class TopK {
         heap_.clear();
     }
     void reserve(size_t n) { heap_.reserve(n); }
+    // The worst kept value once k are kept (a value strictly worse is never kept), else the loosest bound.
+    float bound() const {
+        if (heap_.size() < k_) return larger_first_ ? -INFINITY : INFINITY;
+        return heap_.front().value;
+    }
     void push(float value, int32_t id, int32_t aux = 0) {
         if (heap_.size() == k_) {
             // Cheap early out for values strictly worse than the worst kept one (NaN falls through).

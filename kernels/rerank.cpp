@@ -3,6 +3,13 @@
 // CSR), or CSR runs of consecutive rows (bucket-contiguous layouts: no id list
 // to build and no per-row dedup, and the scan reads memory in order).
 //
+// Runs are scanned span-major: each thread takes a range of queries, groups
+// their runs by the rows they cover, and scans a bucket's rows a cache-sized
+// tile at a time for every query that probes it, so a bucket probed by many
+// queries of a batch is read from memory once, not once per query. Every
+// (query, row) distance is the same computation in either order, and the
+// top-k keeps ties by id, so the results do not depend on the order.
+//
 // Canonical reduction order, shared with reference.py and device.py: lane l
 // (0..7) sums term(i) for i = l, l + 8, l + 16, ... in increasing i, starting
 // from +0.0; the lanes are then combined as
@@ -24,6 +31,7 @@ namespace {
 enum Metric { kIP = 0, kCosine = 1, kL2 = 2 };
 
 constexpr int64_t kPrefetchAhead = 32;  // rows (tuned at d = 50)
+constexpr int64_t kTileBytes = 128 << 10;  // rows of a bucket scanned for all its queries at once (L2-resident)
 
 inline float combine_lanes(const float* a) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
@@ -80,6 +88,17 @@ void scan_portable(const float* qpad, float qnorm, const float* base, int64_t d,
         if (i + kPrefetchAhead < n) prefetch_bytes(base + ids[i + kPrefetchAhead] * d, d * sizeof(float));
         top.push(distance_portable<M>(qpad, base + ids[i] * d, d, qnorm), ids[i]);
     }
+}
+
+// Rows first..first+n-1 of a contiguous block (`rows` points at row `first`): no id list, and the
+// hardware prefetcher follows the sequential reads.
+using RowScanFn = void (*)(const float* qpad, float qnorm, const float* rows, int64_t d, int32_t first, int64_t n,
+                           TopK& top);
+
+template <int M>
+void scan_rows_portable(const float* qpad, float qnorm, const float* rows, int64_t d, int32_t first, int64_t n,
+                        TopK& top) {
+    for (int64_t i = 0; i < n; ++i) top.push(distance_portable<M>(qpad, rows + i * d, d, qnorm), first + i);
 }
 
 #ifdef JAXIDX_X86
@@ -143,7 +162,92 @@ __attribute__((target("avx2"))) void scan_avx2(const float* qpad, float qnorm, c
         top.push(dist[0], ids[i]);
     }
 }
+
+// The 8 lane sums of 8 rows' accumulators a[0..7] combined per row in the canonical order
+// ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)) (as combine_lanes), the 8 results in one register
+// (lane r: row r), by pairwise adds of lane-shuffled registers instead of one horizontal sum per row.
+__attribute__((target("avx2"))) inline __m256 combine_lanes_8rows(const __m256* a) {
+    __m256 t[4];  // t[r]: row r's (a0+a4, a1+a5, a2+a6, a3+a7) in the low half, row r+4's in the high half
+    for (int r = 0; r < 4; ++r) {
+        t[r] = _mm256_add_ps(_mm256_permute2f128_ps(a[r], a[r + 4], 0x20), _mm256_permute2f128_ps(a[r], a[r + 4], 0x31));
+    }
+    // Per half: (u0, u1) = (t0 + t2, t1 + t3) of two rows side by side.
+    const __m256 w01 = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], 0x44), _mm256_shuffle_ps(t[0], t[1], 0xEE));
+    const __m256 w23 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], 0x44), _mm256_shuffle_ps(t[2], t[3], 0xEE));
+    // u0 + u1 of rows 0-3 (low half) and 4-7 (high half).
+    return _mm256_add_ps(_mm256_shuffle_ps(w01, w23, 0x88), _mm256_shuffle_ps(w01, w23, 0xDD));
+}
+
+// Contiguous rows 8 at a time: distances in one register, `finish` lane-wise (the same IEEE operations,
+// so the same bits), and a row is offered to the top-k only where some lane is not worse than its bound.
+template <int M>
+__attribute__((target("avx2"))) void scan_rows_avx2(const float* qpad, float qnorm, const float* rows, int64_t d,
+                                                    int32_t first, int64_t n, TopK& top) {
+    alignas(32) static const int32_t mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask_table + 8 - d % 8));
+    const int64_t full = d / 8;
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), qn = _mm256_set1_ps(qnorm);
+    alignas(32) float dist[8];
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float* x = rows + i * d;
+        __m256 a[8], nn[8];
+        for (int r = 0; r < 8; ++r) a[r] = nn[r] = zero;
+        auto step = [&](int r, __m256 qv, __m256 xv) __attribute__((target("avx2"))) {
+            if (M == kL2) {
+                const __m256 diff = _mm256_sub_ps(qv, xv);
+                a[r] = _mm256_add_ps(a[r], _mm256_mul_ps(diff, diff));
+            } else {
+                a[r] = _mm256_add_ps(a[r], _mm256_mul_ps(qv, xv));
+                if (M == kCosine) nn[r] = _mm256_add_ps(nn[r], _mm256_mul_ps(xv, xv));
+            }
+        };
+        for (int64_t c = 0; c < full; ++c) {
+            const __m256 qv = _mm256_loadu_ps(qpad + 8 * c);
+            for (int r = 0; r < 8; ++r) step(r, qv, _mm256_loadu_ps(x + r * d + 8 * c));
+        }
+        if (d % 8) {
+            const __m256 qv = _mm256_loadu_ps(qpad + 8 * full);
+            for (int r = 0; r < 8; ++r) step(r, qv, _mm256_maskload_ps(x + r * d + 8 * full, tail));
+        }
+        __m256 v = combine_lanes_8rows(a);
+        if (M == kIP) {
+            v = _mm256_sub_ps(zero, v);
+        } else if (M == kCosine) {
+            const __m256 denom = _mm256_mul_ps(qn, _mm256_sqrt_ps(combine_lanes_8rows(nn)));
+            v = _mm256_blendv_ps(_mm256_sub_ps(one, _mm256_div_ps(v, denom)), one,
+                                 _mm256_cmp_ps(denom, zero, _CMP_EQ_OQ));
+        }
+        v = _mm256_blendv_ps(v, zero, _mm256_cmp_ps(v, zero, _CMP_EQ_OQ));  // -0.0 -> +0.0
+        // Lanes not strictly above the bound (NaN included) may enter the top-k.
+        int offer = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(top.bound()), _CMP_NGT_UQ));
+        if (!offer) continue;
+        _mm256_store_ps(dist, v);
+        for (; offer; offer &= offer - 1) {
+            const int r = __builtin_ctz(offer);
+            top.push(dist[r], first + static_cast<int32_t>(i + r));
+        }
+    }
+    for (; i < n; ++i) {
+        const float* x = rows + i * d;
+        distances_avx2<M, 1>(qpad, qnorm, &x, d, tail, dist);
+        top.push(dist[0], first + static_cast<int32_t>(i));
+    }
+}
 #endif
+
+RowScanFn pick_row_scan(int metric) {
+#ifdef JAXIDX_X86
+    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
+    if (avx2) {
+        static const RowScanFn avx2[3] = {scan_rows_avx2<kIP>, scan_rows_avx2<kCosine>, scan_rows_avx2<kL2>};
+        return avx2[metric];
+    }
+#endif
+    static const RowScanFn portable[3] = {scan_rows_portable<kIP>, scan_rows_portable<kCosine>,
+                                          scan_rows_portable<kL2>};
+    return portable[metric];
+}
 
 // AVX2 when the CPU has it, unless JAXIDX_NO_AVX2 is set (to test the portable path).
 ScanFn pick_scan(int metric) {
@@ -238,39 +342,86 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
             max_per_query = std::max(max_per_query, n);
         }
         const ScanFn scan = pick_scan(metric);
+        const RowScanFn scan_rows = pick_row_scan(metric);
         const int64_t dpad = (d + 7) / 8 * 8;
-        struct Scratch {
-            ZeroPool<uint8_t>::Lease seen;
-            std::vector<int32_t> unique;
-            std::vector<std::pair<int32_t, int32_t>> spans;  // runs as [begin, end), sorted
-            std::vector<float> qpad;
-            TopK top{false};
-            explicit Scratch(size_t n) : seen(n) {}
+        auto emit = [&](int64_t q, TopK& top) {
+            top.emit([&](size_t i, const Entry* e) {
+                out_ids[q * k + i] = e ? e->id() : -1;
+                out_dist[q * k + i] = e ? e->value : INFINITY;
+            });
         };
-        std::vector<std::unique_ptr<Scratch>> scratch;
-        for (int t = 0; t < threads; ++t) {
-            scratch.emplace_back(new Scratch(runs ? 0 : static_cast<size_t>(N)));  // runs need no seen marks
-            scratch.back()->unique.reserve(static_cast<size_t>(std::min(max_per_query, N)));
-            scratch.back()->qpad.assign(static_cast<size_t>(dpad), 0.0f);
-            scratch.back()->top.reserve(static_cast<size_t>(std::min(k, std::min(max_per_query, N))));
-        }
-        parallel_for(Q, threads, 4, [&](int t, int64_t q0, int64_t q1) {
-            Scratch& s = *scratch[t];
-            uint8_t* seen = s.seen.get();
-            for (int64_t q = q0; q < q1; ++q) {
-                s.unique.clear();
-                if (runs) {  // rows of the runs in order of their start, overlaps once
-                    s.spans.clear();
-                    for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) {
-                        if (lens[i] > 0) s.spans.emplace_back(cand[i], cand[i] + lens[i]);
+        if (runs) {
+            const int64_t tile = std::max<int64_t>(8, kTileBytes / (d * static_cast<int64_t>(sizeof(float))));
+            parallel_for(Q, threads, (Q + threads - 1) / threads, [&](int, int64_t q0, int64_t q1) {
+                struct Span {
+                    int32_t begin, end, q;
+                    bool operator<(const Span& o) const {
+                        return begin != o.begin ? begin < o.begin : end != o.end ? end < o.end : q < o.q;
                     }
-                    std::sort(s.spans.begin(), s.spans.end());
+                };
+                std::vector<Span> spans;  // every query's runs as disjoint [begin, end) (overlaps once)
+                std::vector<std::pair<int32_t, int32_t>> own;
+                for (int64_t q = q0; q < q1; ++q) {
+                    own.clear();
+                    for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) {
+                        if (lens[i] > 0) own.emplace_back(cand[i], cand[i] + lens[i]);
+                    }
+                    std::sort(own.begin(), own.end());
                     int32_t done = 0;
-                    for (const auto& [b, e] : s.spans) {
-                        for (int32_t c = std::max(b, done); c < e; ++c) s.unique.push_back(c);
+                    int64_t n = 0;
+                    for (const auto& [b, e] : own) {
+                        const int32_t from = std::max(b, done);
+                        if (from < e) {
+                            spans.push_back({from, e, static_cast<int32_t>(q - q0)});
+                            n += e - from;
+                        }
                         done = std::max(done, e);
                     }
-                } else {
+                    out_nuniq[q] = static_cast<int32_t>(n);
+                }
+                std::sort(spans.begin(), spans.end());
+                const int64_t nq = q1 - q0;
+                std::vector<float> qpad(static_cast<size_t>(nq * dpad), 0.0f), qnorm(static_cast<size_t>(nq), 0.0f);
+                std::vector<TopK> tops(static_cast<size_t>(nq), TopK(false));
+                for (int64_t i = 0; i < nq; ++i) {
+                    const float* qv = qs + (q0 + i) * d;
+                    std::copy(qv, qv + d, qpad.begin() + i * dpad);
+                    if (metric == kCosine) qnorm[i] = std::sqrt(dot_portable(qv, qv, d));
+                    tops[i].reset(static_cast<size_t>(k));
+                }
+                for (size_t i = 0, j; i < spans.size(); i = j) {  // the queries of one span, tile by tile
+                    for (j = i; j < spans.size() && spans[j].begin == spans[i].begin && spans[j].end == spans[i].end;) ++j;
+                    for (int64_t t0 = spans[i].begin; t0 < spans[i].end; t0 += tile) {
+                        const int64_t n = std::min<int64_t>(tile, spans[i].end - t0);
+                        for (size_t g = i; g < j; ++g) {
+                            const int32_t qi = spans[g].q;
+                            scan_rows(qpad.data() + qi * dpad, qnorm[qi], base + t0 * d, d, static_cast<int32_t>(t0), n,
+                                      tops[qi]);
+                        }
+                    }
+                }
+                for (int64_t i = 0; i < nq; ++i) emit(q0 + i, tops[i]);
+            });
+        } else {  // ids: each query's candidates deduplicated, then scanned
+            struct Scratch {
+                ZeroPool<uint8_t>::Lease seen;
+                std::vector<int32_t> unique;
+                std::vector<float> qpad;
+                TopK top{false};
+                explicit Scratch(size_t n) : seen(n) {}
+            };
+            std::vector<std::unique_ptr<Scratch>> scratch;
+            for (int t = 0; t < threads; ++t) {
+                scratch.emplace_back(new Scratch(static_cast<size_t>(N)));
+                scratch.back()->unique.reserve(static_cast<size_t>(std::min(max_per_query, N)));
+                scratch.back()->qpad.assign(static_cast<size_t>(dpad), 0.0f);
+                scratch.back()->top.reserve(static_cast<size_t>(std::min(k, std::min(max_per_query, N))));
+            }
+            parallel_for(Q, threads, 4, [&](int t, int64_t q0, int64_t q1) {
+                Scratch& s = *scratch[t];
+                uint8_t* seen = s.seen.get();
+                for (int64_t q = q0; q < q1; ++q) {
+                    s.unique.clear();
                     for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) {
                         const int32_t c = cand[i];
                         if (c >= 0 && !seen[c]) {
@@ -279,19 +430,16 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                         }
                     }
                     for (int32_t c : s.unique) seen[c] = 0;
+                    const float* qv = qs + q * d;
+                    std::copy(qv, qv + d, s.qpad.begin());
+                    const float qnorm = metric == kCosine ? std::sqrt(dot_portable(qv, qv, d)) : 0.0f;
+                    s.top.reset(static_cast<size_t>(k));
+                    scan(s.qpad.data(), qnorm, base, d, s.unique.data(), static_cast<int64_t>(s.unique.size()), s.top);
+                    out_nuniq[q] = static_cast<int32_t>(s.unique.size());
+                    emit(q, s.top);
                 }
-                const float* qv = qs + q * d;
-                std::copy(qv, qv + d, s.qpad.begin());
-                const float qnorm = metric == kCosine ? std::sqrt(dot_portable(qv, qv, d)) : 0.0f;
-                s.top.reset(static_cast<size_t>(k));
-                scan(s.qpad.data(), qnorm, base, d, s.unique.data(), static_cast<int64_t>(s.unique.size()), s.top);
-                out_nuniq[q] = static_cast<int32_t>(s.unique.size());
-                s.top.emit([&](size_t i, const Entry* e) {
-                    out_ids[q * k + i] = e ? e->id() : -1;
-                    out_dist[q * k + i] = e ? e->value : INFINITY;
-                });
-            }
-        });
+            });
+        }
     }
     return py::make_tuple(ids_o, dist_o, nuniq_o);
 }

@@ -251,8 +251,33 @@ def test_rerank_runs_match_ids_and_reference(d, metric):
     assert_same(got, host.rerank_topk(queries, base, csr, 8, metric))
 
 
+@pytest.mark.parametrize("d", [1, 9, 50, 300])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_rerank_shared_runs_match_reference(d, metric):
+    """Many queries probing the same long runs (the kernel scans them leaf-major, 8 rows at a time, in
+    tiles: at d = 300 a run spans several), with duplicate rows (ties by id), zero and NaN rows, and
+    several threads: the reference's bits, whatever the query order."""
+    rng = np.random.default_rng(d)
+    base = rng.standard_normal((700, d), dtype=f32)
+    base[100:110] = base[5]  # exact ties
+    base[200:203] = 0.0  # cosine's zero norm
+    base[300, 0] = np.nan
+    queries = rng.standard_normal((64, d), dtype=f32)
+    queries[3] = base[5]
+    leaves = np.array([0, 37, 150, 151, 420, 699, 700])  # runs between consecutive bounds
+    pick = rng.integers(0, len(leaves) - 1, (64, 3))
+    starts, lens = leaves[pick].astype(i32).ravel(), (leaves[pick + 1] - leaves[pick]).astype(i32).ravel()
+    runs = (np.arange(0, 64 * 3 + 1, 3, dtype=np.int64), starts, lens)
+    want = reference.rerank_topk(queries, base, runs, 12, metric)
+    for threads in (1, 3):
+        assert_same(host.rerank_topk(queries, base, runs, 12, metric, n_threads=threads), want)
+    order = rng.permutation(64)  # queries in another order: each query's own answer
+    runs_perm = (runs[0], starts.reshape(64, 3)[order].ravel(), lens.reshape(64, 3)[order].ravel())
+    assert_same(host.rerank_topk(queries[order], base, runs_perm, 12, metric), tuple(a[order] for a in want))
+
+
 def test_rerank_portable_path_matches_reference():
-    """The non-AVX2 distance loop (forced with JAXIDX_NO_AVX2) gives the same bits."""
+    """The non-AVX2 distance loops (forced with JAXIDX_NO_AVX2), over ids and runs, give the same bits."""
     code = """
 import numpy as np
 from jaxidx.search import host, reference
@@ -261,10 +286,13 @@ for d in (3, 8, 50):
     base = rng.standard_normal((40, d), dtype=np.float32)
     queries = rng.standard_normal((6, d), dtype=np.float32)
     cands = rng.integers(-1, 40, (6, 30)).astype(np.int32)
+    runs = (np.arange(7, dtype=np.int64) * 2, rng.integers(0, 20, 12).astype(np.int32),
+            rng.integers(0, 21, 12).astype(np.int32))
     for metric in ("ip", "cosine", "l2"):
-        for got, want in zip(host.rerank_topk(queries, base, cands, 8, metric),
-                             reference.rerank_topk(queries, base, cands, 8, metric)):
-            assert got.tobytes() == want.tobytes(), (d, metric)
+        for c in (cands, runs):
+            for got, want in zip(host.rerank_topk(queries, base, c, 8, metric),
+                                 reference.rerank_topk(queries, base, c, 8, metric)):
+                assert got.tobytes() == want.tobytes(), (d, metric)
 """
     env = dict(os.environ, JAXIDX_NO_AVX2="1")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
