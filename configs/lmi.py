@@ -36,7 +36,7 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
                                             # which teach the ranking of the runner-up buckets; 0 = hard labels
     c.index = ml_collections.ConfigDict()
     c.index.repair_empty = True             # a leaf the networks leave empty takes back its k-means points
-    c.search.query_batch = 256              # queries per block: routing, candidate lists, re-rank
+    c.search.query_batch = 256              # queries per routing block (the re-rank takes lmi.RERANK_QUERIES)
     c.search.settings = [{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
     return c
 

@@ -51,6 +51,8 @@ from jaxidx.train import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
+RERANK_QUERIES = 4096  # queries per re-rank kernel call (its scan is leaf-major: see kernels/rerank.cpp)
+
 KMEANS_KINDS = ("auto", "l2", "spherical")
 
 
@@ -424,7 +426,7 @@ class LMIIndex(Index):
         """The n_probe non-empty leaves of largest path probability per query (or, route="centroids",
         nearest leaf mean, as IVF routes), best first, [Q, n_probe] (-1 where fewer leaves are non-empty)."""
         self._check_setting({"n_probe": n_probe, "route": route})
-        return np.concatenate([leaves for _, leaves in self._route_blocks(self._prepare(queries), n_probe, route)])
+        return self._leaves(self._prepare(queries), n_probe, route)
 
     def leaf_means(self) -> np.ndarray:
         """Mean of each leaf's vectors [L, d] (unit-normalised for angular data; 0 for empty leaves): the
@@ -440,24 +442,30 @@ class LMIIndex(Index):
             self._centroids = jnp.asarray(c, jnp.float32)
         return self._centroids
 
-    def _route_blocks(self, queries: np.ndarray, n_probe: int, route: str = "learned"):
+    def _leaves(self, queries: np.ndarray, n_probe: int, route: str = "learned") -> np.ndarray:
+        """The routed leaves [Q, n_probe] (-1 = none), routed in `query_batch` blocks."""
         nonempty = jnp.asarray(self.sizes() > 0)
+        out = []
         for chunk, n in query_blocks(queries, self.config.search.query_batch):
             if route == "centroids":
                 logp, ids = _nearest_means(self.leaf_means(), nonempty, n_probe, chunk)
             else:
                 logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, self.router_input(chunk))
-            yield chunk[:n], np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32)
+            out.append(np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32))
+        return np.concatenate(out) if out else np.zeros((0, n_probe), np.int32)
 
     def _query(self, queries, setting: dict, k: int) -> SearchResult:
         """Visit each query's leaves best first (`n_probe`, optional `max_candidates` budget), re-rank
-        their vectors exactly; query blocks keep the candidate lists small enough to stay in cache."""
+        their vectors exactly. Routing runs in `query_batch` blocks; the re-rank takes RERANK_QUERIES
+        queries per kernel call, so a leaf probed by several of them is read from memory once."""
         sizes, offsets = self.sizes(), self.arrays["offsets"][0]
         metric, ids_of = kernel_metric(self.metric), self.arrays["ids"]
+        leaves = self._leaves(queries, setting["n_probe"], setting.get("route", "learned"))
         ids, dist, n_cand = [], [], []
-        for q, leaves in self._route_blocks(queries, setting["n_probe"], setting.get("route", "learned")):
-            cand = candidate_runs(offsets, leaves, select_leaves(sizes, leaves, setting.get("max_candidates", 0)))
-            rows, d, n = kernels.rerank_topk(q, self.arrays["vectors"], cand, k, metric,
+        for s in range(0, len(queries), RERANK_QUERIES):
+            lv = leaves[s:s + RERANK_QUERIES]
+            cand = candidate_runs(offsets, lv, select_leaves(sizes, lv, setting.get("max_candidates", 0)))
+            rows, d, n = kernels.rerank_topk(queries[s:s + RERANK_QUERIES], self.arrays["vectors"], cand, k, metric,
                                              self.config.search.n_threads)
             ids.append(np.where(rows >= 0, ids_of[np.maximum(rows, 0)], -1))
             dist.append(d)
