@@ -66,7 +66,7 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         nlist = nlist or n_buckets
         name = f"{index.method} (B {n_buckets}" + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")")
         builds[name] = float(index.info.get("train_seconds", 0.0))
-        for r in evaluate(index, data, index.config.search.settings, 10):
+        for r in evaluate(index, data, index.config.search.settings, 10, warm=True):
             setting = {k: v for k, v in r.items() if k not in
                        ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
             rows.append({"method": name, "setting": setting,
@@ -148,7 +148,7 @@ def run_suite() -> dict:
         if lmi is not None:  # the same leaves routed by their means, as IVF routes: learned vs centroid routing
             lmi.config.search.n_threads = FLAGS.threads
             for r in evaluate(lmi, data, [dict(s, route="centroids") for s in lmi.config.search.settings
-                                          if "max_candidates" not in s], 10):
+                                          if "max_candidates" not in s], 10, warm=True):
                 rows.append({"method": f"lmi-centroids (B {nlist})", "setting": {"n_probe": r["n_probe"]},
                              **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
                                                   "queries_per_second")}})

@@ -174,8 +174,7 @@ def add_part() -> list[dict]:
     rows = []
     for name, index in (("fresh build", fresh), (f"trained on {n_old}, +{n - n_old} added", grown)):
         apply_overrides(index.config, {"search.n_threads": FLAGS.threads or 0})
-        evaluate(index, data, index.config.search.settings[:1])  # warm up
-        for r in evaluate(index, data, index.config.search.settings):
+        for r in evaluate(index, data, index.config.search.settings, warm=True):
             rows.append({"index": name, **r})
     for a, b in zip(rows[:len(rows) // 2], rows[len(rows) // 2:]):
         b["qps_vs_fresh"] = round(b["queries_per_second"] / a["queries_per_second"], 3)
