@@ -31,6 +31,7 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.partition.capacity_factor = 0.0   # > 0: cap buckets at factor * N / B items
     c.partition.fallback_candidates = 32  # with a cap: ranked buckets an item may fall back to
     c.partition.center_scores = True    # rank buckets by logit minus the bucket's mean logit over items
+    c.partition.center_sample = 0       # > 0: that mean over a seeded sample of this many items (0 = all)
     c.train.knn_k = 10                  # ANN: neighbours per training point (its labels)
     c.train.max_train_points = 0        # ANN: train on a seeded sample of the base (0 = all)
     return c
@@ -118,8 +119,9 @@ def auto(data) -> ml_collections.ConfigDict:
     """Sized from the data (`jaxidx.fit("irli", data)`), by rules that follow its sizes only.
 
     ANN (N vectors of d): B = the power of two near sqrt(N) (2..4096), R 4, hidden the power of two near
-    max(d, B) within 64..256, trained on at most 50K sampled points (their exact neighbours cost
-    O(sample x N)) for 8 epochs, re-partitioned every 2, loads capped at 1.5x the mean; m swept.
+    max(d, B) within 64..256, trained on at most 50K sampled points, fewer past N = 500K so that their
+    exact neighbours (O(sample x N)) stay under 2.5e10 distances (at least 20K points), for 8 epochs,
+    re-partitioned every 2 with bucket centres from 64K items, loads capped at 1.5x the mean; m swept.
     XMC (L labels, D features): B = the power of two near 2 sqrt(L) (the scaling rule: routing R H B
     against candidates R m L / B), R 16 below 10K labels else 8, K 4 up to 64 buckets else 10, hidden
     512 for dense inputs (D <= 4096) else 256, 20 epochs re-partitioned every 5; m swept, MACH up to 100K labels.
@@ -127,12 +129,12 @@ def auto(data) -> ml_collections.ConfigDict:
     if data.task == "ann":
         n, d = data.n_items, data.dim
         B = min(4096, pow2_near(math.sqrt(n)))
-        train = min(n, 50000)
+        train = min(n, 50000, max(20000, int(2.5e10 // n)))
         c = _ann(_irli(data.name))
         c.model.update(n_reps=4, n_buckets=B, hidden=(min(256, max(64, pow2_near(max(d, B)))),))
         c.train.update(epochs=8, batch_size=min(512, max(64, pow2_near(train / 100))),
                        max_train_points=train if train < n else 0)
-        c.partition.repartition_every = 2
+        c.partition.update(repartition_every=2, center_sample=65536)
         c.search.settings = [{"m": m, "min_count": mc} for m in (1, 2, 4, 8, 16, 32) if m <= B // 2 or m == 1
                              for mc in (1, 2)]
     else:

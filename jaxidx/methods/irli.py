@@ -260,7 +260,7 @@ class IRLI:
     def _item_topk(self, params, K):
         """ANN representatives: the router's top-K buckets for each base vector itself.
 
-        With `partition.center_scores`, each bucket's mean logit over all items is
+        With `partition.center_scores`, each bucket's mean logit over the items (`center_rows`) is
         subtracted first (see `_label_topk`).
         """
         bs, base = self.config.search.query_batch, self.data.base
@@ -268,9 +268,10 @@ class IRLI:
         routed = partial(standardize, center=self.input_center, scale=self.input_scale)
         center = 0.0
         if self.config.partition.center_scores:
+            rows = center_rows(self.n_items, self.config)
             center = sum(np.asarray(logits(params, routed(x)), np.float64)[:n].sum(0)
-                         for x, n in query_blocks(base, bs))
-            center = jnp.asarray(center / self.n_items, jnp.float32)
+                         for x, n in query_blocks(base[rows], bs))
+            center = jnp.asarray(center / len(rows), jnp.float32)
         topk = jax.jit(lambda p, x, c: jax.lax.top_k(logits(p, x) - c, K)[1])
         out = [np.asarray(topk(params, routed(x), center))[:n] for x, n in query_blocks(base, bs)]
         return np.ascontiguousarray(np.concatenate(out, axis=0).transpose(1, 0, 2)).astype(np.int32)
@@ -469,7 +470,8 @@ class IRLIIndex(Index):
         scores = self._logits(x)
         if p.center_scores:
             if "center" not in self.arrays:  # each bucket's mean logit over the items, as in training
-                self.arrays["center"] = self._logits(self.arrays["vectors"]).mean(0).astype(np.float32)
+                rows = center_rows(len(self.arrays["vectors"]), self.config)
+                self.arrays["center"] = self._logits(self.arrays["vectors"][rows]).mean(0).astype(np.float32)
             scores = scores - self.arrays["center"][None]
         n_total = len(self.arrays["ids"]) + len(x)
         K = p.top_k
@@ -521,8 +523,17 @@ def _csr(assign: np.ndarray, n_buckets: int) -> dict:
 
 def _train_points(data: ANNData, config) -> np.ndarray:
     """Base rows used as training points (all, or a seeded sample of train.max_train_points)."""
-    n = data.n_items
-    cap = config.train.max_train_points
+    return sample_rows(data.n_items, config.train.max_train_points, [config.seed, 7])
+
+
+def sample_rows(n: int, cap: int, seed) -> np.ndarray:
+    """Rows 0..n-1 (all when cap is 0 or >= n, else a seeded sample of cap), ascending."""
     if not cap or cap >= n:
         return np.arange(n)
-    return np.sort(np.random.default_rng([config.seed, 7]).choice(n, cap, replace=False))
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False))
+
+
+def center_rows(n: int, config) -> np.ndarray:
+    """The items whose mean logit centres each bucket's scores (`partition.center_sample`: a seeded
+    sample, since a bucket's mean over 64K items is as good as over millions at a fraction of the pass)."""
+    return sample_rows(n, config.partition.get("center_sample", 0), [config.seed, 11])
