@@ -4,7 +4,8 @@ merge_topk: C++ (1 thread and all threads) against the NumPy reference and the
 JAX twin (jit on CPU, timed after a warm-up call). rerank_topk: C++ against
 faiss IndexIVFFlat with as many buckets, nprobe set so that faiss scans about
 as many vectors per query as the re-rank does, in ns per scanned vector
-(faiss timed both with its coarse quantizer and on preassigned lists). The
+(faiss timed both with its coarse quantizer and on preassigned lists), and
+the runs form (LMI's path) scanning faiss's own lists in the same order. The
 contenders take turns and the best of --repeats rounds is kept. Prints a
 table and writes JSON to --out. Run from the repository root (with jaxidx
 installed, or PYTHONPATH=.):
@@ -150,9 +151,24 @@ def main():
             fn()
         return run
 
+    # The runs form (LMI's path) on faiss's own lists: the base laid out list by list, each query's
+    # nprobe lists handed over as (start, length) runs, so both scan the very same vectors.
+    order = np.argsort(quantizer.assign(base, 1).ravel(), kind="stable")
+    list_offsets = np.concatenate([[0], np.cumsum([ivf.get_list_size(b) for b in range(a.B)])]).astype(np.int64)
+    runs = (np.arange(0, coarse.size + 1, ivf.nprobe, dtype=np.int64), list_offsets[coarse].astype(np.int32).ravel(),
+            np.diff(list_offsets)[coarse].astype(np.int32).ravel())
+    base_by_list = np.ascontiguousarray(base[order])
+    hits, _, _ = host.rerank_topk(queries, base_by_list, runs, a.k)
+    _, faiss_ids = ivf.search_preassigned(queries, a.k, coarse, coarse_d)
+    agree = np.mean(order[hits] == faiss_ids)
+    assert agree > 0.99, f"runs form and faiss disagree on {1 - agree:.1%} of the top-k"
     rerank = {  # name: (callable, vectors scanned per call)
         "C++ 1 thread": (lambda: host.rerank_topk(queries, base, cands, a.k, n_threads=1), scanned),
         f"C++ {n_cpu} threads": (lambda: host.rerank_topk(queries, base, cands, a.k), scanned),
+        "C++ runs on faiss's lists, 1 thread": (
+            lambda: host.rerank_topk(queries, base_by_list, runs, a.k, n_threads=1), ndis),
+        f"C++ runs on faiss's lists, {n_cpu} threads": (
+            lambda: host.rerank_topk(queries, base_by_list, runs, a.k), ndis),
     }
     for t in (1, n_cpu):
         rerank[f"faiss {t} thread(s), search"] = (faiss_call(t, lambda: ivf.search(queries, a.k)), ndis)
@@ -173,15 +189,18 @@ def main():
         for what in ("search", "scan only"):
             ratios[f"rerank ns/vector: C++ / faiss {what}, {t} thread(s)"] = ours / rerank_ns[
                 f"faiss {t} thread(s), {what}"]
+        runs_ns = rerank_ns[f"C++ runs on faiss's lists, {'1 thread' if t == 1 else f'{n_cpu} threads'}"]
+        ratios[f"rerank ns/vector: C++ runs / faiss scan only, {t} thread(s)"] = runs_ns / rerank_ns[
+            f"faiss {t} thread(s), scan only"]
     result = {
         "config": vars(a), "cpu": cpu_model(), "n_cpu": n_cpu, "max_bucket_size": S,
         "rerank_vectors_per_query": scanned / a.Q, "faiss_nprobe": ivf.nprobe,
         "faiss_vectors_per_query": ndis / a.Q, "rows": rows, "ratios": ratios,
     }
-    print(f"{'kernel':<12} {'implementation':<30} {'us/query':>10} {'ns/vector':>10}")
+    print(f"{'kernel':<12} {'implementation':<40} {'us/query':>10} {'ns/vector':>10}")
     for r in rows:
         nsv = f"{r['ns_per_vector']:.2f}" if "ns_per_vector" in r else ""
-        print(f"{r['kernel']:<12} {r['impl']:<30} {r['us_per_query']:>10.2f} {nsv:>10}")
+        print(f"{r['kernel']:<12} {r['impl']:<40} {r['us_per_query']:>10.2f} {nsv:>10}")
     print(f"re-rank vectors per query: {scanned / a.Q:.1f}; faiss nprobe {ivf.nprobe}, "
           f"vectors per query {ndis / a.Q:.1f}")
     for name, value in ratios.items():
