@@ -146,8 +146,8 @@ for name, (path, spec, settings) in json.loads(sys.argv[-1]).items():
     host, index = jaxidx.load(path), jaxidx.load(path).shard(default_mesh())
     sh = index._sharded
     ptrs = lambda: {s.device.id: s.data.unsafe_buffer_pointer() for s in sh.arrays["ids"].addressable_shards}
-    run = lambda ix: {json.dumps(s): [a.tolist() for a in ix.search(data.queries, 10, backend=ix is index and "device"
-                                                                       or "host", **s)] for s in settings}
+    run = lambda ix, backend="device": {json.dumps(s): [a.tolist() for a in ix.search(data.queries, 10, backend=backend,
+                                                                                        **s)] for s in settings}
     steps = []
     for op, arg in [("add", 9), ("remove", "mixed"), ("add", len(data.base))]:  # the last outgrows the headroom
         before = ptrs()
@@ -160,8 +160,10 @@ for name, (path, spec, settings) in json.loads(sys.argv[-1]).items():
             index.remove(gone)
         after = ptrs()
         steps.append({"op": op, "rebuilt": sorted(sh.rebuilt), "moved": sorted(d for d in after if after[d] != before[d]),
-                      "equal": run(index) == run(host)})
-    out[name] = steps
+                      "equal": run(index) == run(host, "host")})
+    index.save(path + "-updated")  # the sharded index saved after its updates, restored on 3 devices
+    back = jaxidx.load(path + "-updated").shard(default_mesh(jax.devices()[:3]))
+    out[name] = {"steps": steps, "restored": run(back) == run(host, "host")}
 print(json.dumps(out))
 """
 
@@ -169,13 +171,16 @@ print(json.dumps(out))
 def test_add_and_remove_rebuild_only_the_shards_they_touch(all_saved):
     """On 8 devices: an add goes to one shard (the least filled) and leaves the others' device buffers as
     they were; a remove rebuilds only the shards holding the removed items; an add beyond a shard's
-    headroom re-allocates every shard. After each, the device results are the host index's."""
+    headroom re-allocates every shard. After each, the device results are the host index's, and so are
+    those of the updated index saved and sharded again on 3 devices."""
     cases = {name: (path, data.name, settings) for name, (path, data, settings) in all_saved.items()
              if data.task == "ann"}
     out = run_python(_ADD_SCRIPT.replace("sys.argv[-1]", repr(json.dumps(cases))),
                      {"JAX_NUM_CPU_DEVICES": "8", "JAX_PLATFORMS": "cpu"}, timeout=600)
     assert set(out) == {"lmi-euclidean", "lmi-angular", "irli-euclidean"}
-    for name, (add, remove, grow) in out.items():
+    for name, got in out.items():
+        (add, remove, grow), restored = got["steps"], got["restored"]
+        assert restored, name
         assert add["equal"] and remove["equal"] and grow["equal"], name
         assert len(add["rebuilt"]) == 1 and len(add["moved"]) == 1, (name, add)
         assert 1 < len(remove["rebuilt"]) < 8 and len(remove["moved"]) == len(remove["rebuilt"]), (name, remove)
