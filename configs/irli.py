@@ -121,7 +121,8 @@ def auto(data) -> ml_collections.ConfigDict:
     ANN (N vectors of d): B = the power of two near sqrt(N) (2..4096), R 4, hidden the power of two near
     max(d, B) within 64..256, trained on at most 50K sampled points, fewer past N = 500K so that their
     exact neighbours (O(sample x N)) stay under 2.5e10 distances (at least 20K points), for 8 epochs,
-    re-partitioned every 2 with bucket centres from 64K items, loads capped at 1.5x the mean; m swept.
+    re-partitioned every 2 (every 4 past N = 500K: each pass routes all N items) with bucket centres from
+    64K items, loads capped at 1.5x the mean; m swept.
     XMC (L labels, D features): B = the power of two near 2 sqrt(L) (the scaling rule: routing R H B
     against candidates R m L / B), R 16 below 10K labels else 8, K 4 up to 64 buckets else 10, hidden
     512 for dense inputs (D <= 4096) else 256, 20 epochs re-partitioned every 5; m swept, MACH up to 100K labels.
@@ -134,7 +135,8 @@ def auto(data) -> ml_collections.ConfigDict:
         c.model.update(n_reps=4, n_buckets=B, hidden=(min(256, max(64, pow2_near(max(d, B)))),))
         c.train.update(epochs=8, batch_size=min(512, max(64, pow2_near(train / 100))),
                        max_train_points=train if train < n else 0)
-        c.partition.update(repartition_every=2, center_sample=65536)
+        # Each re-partition routes all N items through the R networks (about 50 s at N = 1M on 2 cores).
+        c.partition.update(repartition_every=2 if n <= 500000 else 4, center_sample=65536)
         c.search.settings = [{"m": m, "min_count": mc} for m in (1, 2, 4, 8, 16, 32) if m <= B // 2 or m == 1
                              for mc in (1, 2)]
     else:

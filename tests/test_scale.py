@@ -86,10 +86,10 @@ def test_auto_rules_follow_the_data():
     assert c.train.batch_size == 1024
     c = get_config("irli", big)
     assert c.model.n_buckets == 512 and c.train.max_train_points == 50000 and c.model.hidden == (256,)
-    assert c.partition.center_sample == 65536
+    assert c.partition.center_sample == 65536 and c.partition.repartition_every == 2
     for n, points in ((10**6, 25000), (4 * 10**6, 20000)):  # neighbour labels bounded: sample x N <= 2.5e10
         c = get_config("irli", SimpleNamespace(task="ann", n_items=n, dim=64, name="synthetic-ann:n=100,d=64"))
-        assert c.train.max_train_points == points
+        assert c.train.max_train_points == points and c.partition.repartition_every == 4  # fewer passes over N
     x = synthetic_xmc(n_train=500, n_test=10, n_features=300, n_labels=1000, seed=0)
     c = get_config("elias", x)
     assert c.model.max_leaf == 32 and c.model.input == "dense" and c.model.beam == 16
