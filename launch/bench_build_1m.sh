@@ -4,6 +4,7 @@
 # first, outside the timing. METHODS="lmi" to time one. Logs: runs/auto1m-<method>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p runs
 SPEC="synthetic-ann:n=1000000,q=1000,d=64,clusters=1000,metric=euclidean,seed=7"
 python3 -c "from jaxidx.data import load; load('$SPEC')"
 for m in ${METHODS:-lmi irli}; do
