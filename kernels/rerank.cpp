@@ -108,14 +108,13 @@ __attribute__((target("avx2"))) inline float combine_lanes_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
-// Distances of kRows rows at once (independent chains keep the FP units busy).
-// qpad is the query zero-padded to a multiple of 8; a row's tail is loaded
-// masked (zeros beyond d), so tail lanes add +0.0, which leaves them unchanged.
+// Per-lane sums of kRows rows at once (independent chains keep the FP units busy): a, the distance
+// terms; nn, |x|^2 for cosine. qpad is the query zero-padded to a multiple of 8; a row's tail is
+// loaded masked (zeros beyond d), so tail lanes add +0.0, which leaves them unchanged.
 template <int M, int kRows>
-__attribute__((target("avx2"))) inline void distances_avx2(const float* qpad, float qnorm, const float* const* x,
-                                                           int64_t d, __m256i tail, float* out) {
+__attribute__((target("avx2"))) inline void accumulate_avx2(const float* qpad, const float* const* x, int64_t d,
+                                                            __m256i tail, __m256* a, __m256* nn) {
     const int64_t full = d / 8;
-    __m256 a[kRows], nn[kRows];
     for (int r = 0; r < kRows; ++r) a[r] = nn[r] = _mm256_setzero_ps();
     auto step = [&](int r, __m256 qv, __m256 xv) __attribute__((target("avx2"))) {
         if (M == kL2) {
@@ -134,6 +133,14 @@ __attribute__((target("avx2"))) inline void distances_avx2(const float* qpad, fl
         const __m256 qv = _mm256_loadu_ps(qpad + 8 * full);
         for (int r = 0; r < kRows; ++r) step(r, qv, _mm256_maskload_ps(x[r] + 8 * full, tail));
     }
+}
+
+// Distances of kRows rows, each combined and finished on its own.
+template <int M, int kRows>
+__attribute__((target("avx2"))) inline void distances_avx2(const float* qpad, float qnorm, const float* const* x,
+                                                           int64_t d, __m256i tail, float* out) {
+    __m256 a[kRows], nn[kRows];
+    accumulate_avx2<M, kRows>(qpad, x, d, tail, a, nn);
     for (int r = 0; r < kRows; ++r) {
         out[r] = finish(M, combine_lanes_avx2(a[r]), M == kCosine ? combine_lanes_avx2(nn[r]) : 0.0f, qnorm);
     }
@@ -185,31 +192,14 @@ __attribute__((target("avx2"))) void scan_rows_avx2(const float* qpad, float qno
                                                     int32_t first, int64_t n, TopK& top) {
     alignas(32) static const int32_t mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
     const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask_table + 8 - d % 8));
-    const int64_t full = d / 8;
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), qn = _mm256_set1_ps(qnorm);
     alignas(32) float dist[8];
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const float* x = rows + i * d;
+        const float* xs[8] = {x, x + d, x + 2 * d, x + 3 * d, x + 4 * d, x + 5 * d, x + 6 * d, x + 7 * d};
         __m256 a[8], nn[8];
-        for (int r = 0; r < 8; ++r) a[r] = nn[r] = zero;
-        auto step = [&](int r, __m256 qv, __m256 xv) __attribute__((target("avx2"))) {
-            if (M == kL2) {
-                const __m256 diff = _mm256_sub_ps(qv, xv);
-                a[r] = _mm256_add_ps(a[r], _mm256_mul_ps(diff, diff));
-            } else {
-                a[r] = _mm256_add_ps(a[r], _mm256_mul_ps(qv, xv));
-                if (M == kCosine) nn[r] = _mm256_add_ps(nn[r], _mm256_mul_ps(xv, xv));
-            }
-        };
-        for (int64_t c = 0; c < full; ++c) {
-            const __m256 qv = _mm256_loadu_ps(qpad + 8 * c);
-            for (int r = 0; r < 8; ++r) step(r, qv, _mm256_loadu_ps(x + r * d + 8 * c));
-        }
-        if (d % 8) {
-            const __m256 qv = _mm256_loadu_ps(qpad + 8 * full);
-            for (int r = 0; r < 8; ++r) step(r, qv, _mm256_maskload_ps(x + r * d + 8 * full, tail));
-        }
+        accumulate_avx2<M, 8>(qpad, xs, d, tail, a, nn);
         __m256 v = combine_lanes_8rows(a);
         if (M == kIP) {
             v = _mm256_sub_ps(zero, v);
