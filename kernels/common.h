@@ -272,20 +272,32 @@ class TopK {
             heap_.push_back(e);
             std::push_heap(heap_.begin(), heap_.end(), before_);
         } else if (e.key > heap_.front().key) {
-            std::pop_heap(heap_.begin(), heap_.end(), before_);
-            heap_.back() = e;
-            std::push_heap(heap_.begin(), heap_.end(), before_);
+            replace_worst(e);
         }
     }
     // Writes the kept entries best first and pads the remaining slots up to k.
     template <class Write>
     void emit(Write&& write) {
-        std::sort_heap(heap_.begin(), heap_.end(), before_);
+        std::sort(heap_.begin(), heap_.end(), before_);  // k is small: insertion sort, fewer branch misses
         for (size_t i = 0; i < heap_.size(); ++i) write(i, &heap_[i]);
         for (size_t i = heap_.size(); i < k_; ++i) write(i, nullptr);
     }
 
    private:
+    // The heap orders by key, smallest (the worst kept) at the front: e replaces it and sinks to its
+    // place in one pass (pop_heap + push_heap would take two).
+    void replace_worst(const Entry& e) {
+        const size_t n = heap_.size();
+        size_t i = 0;
+        for (size_t c = 1; c < n; c = 2 * i + 1) {
+            if (c + 1 < n && heap_[c + 1].key < heap_[c].key) ++c;
+            if (heap_[c].key >= e.key) break;
+            heap_[i] = heap_[c];
+            i = c;
+        }
+        heap_[i] = e;
+    }
+
     bool larger_first_;
     size_t k_ = 0;
     std::vector<Entry> heap_;

@@ -378,6 +378,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                     std::copy(qv, qv + d, qpad.begin() + i * dpad);
                     if (metric == kCosine) qnorm[i] = std::sqrt(dot_portable(qv, qv, d));
                     tops[i].reset(static_cast<size_t>(k));
+                    tops[i].reserve(static_cast<size_t>(k));
                 }
                 for (size_t i = 0, j; i < spans.size(); i = j) {  // the queries of one span, tile by tile
                     for (j = i; j < spans.size() && spans[j].begin == spans[i].begin && spans[j].end == spans[i].end;) ++j;
