@@ -108,6 +108,12 @@ __attribute__((target("avx2"))) inline float combine_lanes_avx2(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
 }
 
+// Lanes 0..(d % 8)-1 set (all eight when d % 8 == 0): the masked load of a row's last partial chunk.
+__attribute__((target("avx2"))) inline __m256i tail_mask_avx2(int64_t d) {
+    alignas(32) static const int32_t mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask_table + 8 - d % 8));
+}
+
 // Per-lane sums of kRows rows at once (independent chains keep the FP units busy): a, the distance
 // terms; nn, |x|^2 for cosine. qpad is the query zero-padded to a multiple of 8; a row's tail is
 // loaded masked (zeros beyond d), so tail lanes add +0.0, which leaves them unchanged.
@@ -149,8 +155,7 @@ __attribute__((target("avx2"))) inline void distances_avx2(const float* qpad, fl
 template <int M>
 __attribute__((target("avx2"))) void scan_avx2(const float* qpad, float qnorm, const float* base, int64_t d,
                                                const int32_t* ids, int64_t n, TopK& top) {
-    alignas(32) static const int32_t mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask_table + 8 - d % 8));
+    const __m256i tail = tail_mask_avx2(d);
     constexpr int kBlock = 4;
     float dist[kBlock];
     int64_t i = 0;
@@ -190,8 +195,7 @@ __attribute__((target("avx2"))) inline __m256 combine_lanes_8rows(const __m256* 
 template <int M>
 __attribute__((target("avx2"))) void scan_rows_avx2(const float* qpad, float qnorm, const float* rows, int64_t d,
                                                     int32_t first, int64_t n, TopK& top) {
-    alignas(32) static const int32_t mask_table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
-    const __m256i tail = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mask_table + 8 - d % 8));
+    const __m256i tail = tail_mask_avx2(d);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), qn = _mm256_set1_ps(qnorm);
     alignas(32) float dist[8];
     int64_t i = 0;
@@ -226,10 +230,17 @@ __attribute__((target("avx2"))) void scan_rows_avx2(const float* qpad, float qno
 }
 #endif
 
+#ifdef JAXIDX_X86
+// AVX2 when the CPU has it, unless JAXIDX_NO_AVX2 is set (to test the portable path).
+bool use_avx2() {
+    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
+    return avx2;
+}
+#endif
+
 RowScanFn pick_row_scan(int metric) {
 #ifdef JAXIDX_X86
-    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
-    if (avx2) {
+    if (use_avx2()) {
         static const RowScanFn avx2[3] = {scan_rows_avx2<kIP>, scan_rows_avx2<kCosine>, scan_rows_avx2<kL2>};
         return avx2[metric];
     }
@@ -239,11 +250,9 @@ RowScanFn pick_row_scan(int metric) {
     return portable[metric];
 }
 
-// AVX2 when the CPU has it, unless JAXIDX_NO_AVX2 is set (to test the portable path).
 ScanFn pick_scan(int metric) {
 #ifdef JAXIDX_X86
-    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
-    if (avx2) {
+    if (use_avx2()) {
         static const ScanFn avx2[3] = {scan_avx2<kIP>, scan_avx2<kCosine>, scan_avx2<kL2>};
         return avx2[metric];
     }
@@ -322,15 +331,6 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                                     : "id " + std::to_string(cand[i]) + " out of range [-1, N=" + std::to_string(N) + ")");
             }
         }
-        int64_t max_per_query = 0;
-        for (int64_t q = 0; q < Q; ++q) {
-            int64_t n = offsets[q + 1] - offsets[q];
-            if (runs) {
-                n = 0;
-                for (int64_t i = offsets[q]; i < offsets[q + 1]; ++i) n += lens[i];
-            }
-            max_per_query = std::max(max_per_query, n);
-        }
         const ScanFn scan = pick_scan(metric);
         const RowScanFn scan_rows = pick_row_scan(metric);
         const int64_t dpad = (d + 7) / 8 * 8;
@@ -401,6 +401,8 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                 TopK top{false};
                 explicit Scratch(size_t n) : seen(n) {}
             };
+            int64_t max_per_query = 0;
+            for (int64_t q = 0; q < Q; ++q) max_per_query = std::max(max_per_query, offsets[q + 1] - offsets[q]);
             std::vector<std::unique_ptr<Scratch>> scratch;
             for (int t = 0; t < threads; ++t) {
                 scratch.emplace_back(new Scratch(static_cast<size_t>(N)));
