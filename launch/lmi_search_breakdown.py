@@ -3,8 +3,6 @@ rest (Python, id mapping), timed apart on a saved index, best of 5 warm passes o
 
     python3 launch/lmi_search_breakdown.py --index=runs/suite/<run>-lmi --data=<spec> --n_probe=1
 """
-import time
-
 from jaxidx.bench import pin_threads_from_argv
 
 pin_threads_from_argv()
@@ -13,6 +11,7 @@ from absl import app, flags  # noqa: E402
 
 import jaxidx  # noqa: E402
 from jaxidx.data import load  # noqa: E402
+from jaxidx.evaluate import timed  # noqa: E402
 from jaxidx.index import kernel_metric  # noqa: E402
 from jaxidx.methods.lmi import candidate_runs, select_leaves  # noqa: E402
 from jaxidx.search import host  # noqa: E402
@@ -25,15 +24,9 @@ FLAGS = flags.FLAGS
 
 
 def us_per_query(fn, n: int, repeats: int = 5) -> float:
+    """Best of `repeats` warm runs of `fn`, in microseconds per query."""
     fn()
-    best = min(_seconds(fn) for _ in range(repeats))
-    return 1e6 * best / n
-
-
-def _seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return 1e6 * min(timed(fn, warm=False)[1] for _ in range(repeats)) / n
 
 
 def main(_):
