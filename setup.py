@@ -13,6 +13,7 @@ ext_modules = [
     Pybind11Extension(
         "jaxidx._kernels",
         sorted(os.path.join("kernels", f) for f in os.listdir("kernels") if f.endswith(".cpp")),
+        depends=sorted(os.path.join("kernels", f) for f in os.listdir("kernels") if f.endswith(".h")),  # rebuild on edits
         include_dirs=["kernels"],
         extra_compile_args=_COMPILE_ARGS,
         extra_link_args=["-pthread"],

@@ -8,7 +8,7 @@ import math
 
 import ml_collections
 
-from jaxidx.config import base_config, budget_epochs, pow2_near, preset
+from jaxidx.config import base_config, budget_epochs, pow2_near, preset, probe_sweep
 from jaxidx.data.synthetic import scaling_ann_spec, scaling_xmc_rows, scaling_xmc_spec
 
 
@@ -122,7 +122,8 @@ def auto(data) -> ml_collections.ConfigDict:
     max(d, B) within 64..256, trained on at most 50K sampled points, fewer past N = 500K so that their
     exact neighbours (O(sample x N)) stay under 2.5e10 distances (at least 20K points), for 8 epochs,
     re-partitioned every 2 (every 4 past N = 500K: each pass routes all N items) with bucket centres from
-    64K items, loads capped at 1.5x the mean; m swept.
+    64K items, loads capped at 1.5x the mean; m swept in steps of at most 1.5x (`probe_sweep`, as IVF's
+    nprobe) up to min(32, B / 2), each with min_count 1 and 2.
     XMC (L labels, D features): B = the power of two near 2 sqrt(L) (the scaling rule: routing R H B
     against candidates R m L / B), R 16 below 10K labels else 8, K 4 up to 64 buckets else 10, hidden
     512 for dense inputs (D <= 4096) else 256, 20 epochs re-partitioned every 5; m swept, MACH up to 100K labels.
@@ -137,8 +138,7 @@ def auto(data) -> ml_collections.ConfigDict:
                        max_train_points=train if train < n else 0)
         # Each re-partition routes all N items through the R networks (about 50 s at N = 1M on 2 cores).
         c.partition.update(repartition_every=2 if n <= 500000 else 4, center_sample=65536)
-        c.search.settings = [{"m": m, "min_count": mc} for m in (1, 2, 4, 8, 16, 32) if m <= B // 2 or m == 1
-                             for mc in (1, 2)]
+        c.search.settings = [{"m": m, "min_count": mc} for m in probe_sweep(max(1, min(32, B // 2))) for mc in (1, 2)]
     else:
         L = data.n_labels
         B = max(2, pow2_near(2 * math.sqrt(L)))

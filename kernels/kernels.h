@@ -11,6 +11,9 @@ namespace jaxidx {
 py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offsets, const py::object& members,
                            const py::object& min_count, const py::object& min_candidates, const py::object& n_items,
                            const py::object& n_threads);
+py::tuple merge_rerank_topk(const py::object& queries, const py::object& base, const py::object& bucket_ids,
+                            const py::object& offsets, const py::object& members, const py::object& k,
+                            const py::object& min_count, const py::object& metric, const py::object& n_threads);
 py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scores, const py::object& offsets,
                      const py::object& members, const py::object& weights, const py::object& k,
                      const py::object& min_count, const py::object& agg, const py::object& n_items,

@@ -2,8 +2,10 @@
 // per-item (score, hit count), relax the hit-count threshold, keep the top k.
 // merge_candidates: the same hits and threshold, returning the whole candidate
 // set per query (CSR) for exact re-ranking.
+// merge_rerank_topk: merge_candidates and rerank_topk's ids form in one pass per
+// query, so a query's candidates stay in cache instead of being written out.
 // topk_rows: row-wise top k of a dense score matrix.
-#include "kernels.h"
+#include "scan.h"
 
 namespace jaxidx {
 
@@ -67,6 +69,64 @@ int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_
 
 using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
 
+// The hits of merge_candidates, which needs no scores: one saturating byte per item (an eighth of a
+// Slot's cache footprint; exact while the threshold is at most 255), same order and prefetching.
+int64_t add_counts(uint8_t* counts, int32_t* touched, const Routed* routed, int64_t n_routed) {
+    int64_t n_touched = 0;
+    for (int64_t i = 0; i < n_routed; ++i) {
+        if (i + 2 < n_routed) prefetch_bytes(routed[i + 2].members, routed[i + 2].size * sizeof(int32_t));
+        if (i + 1 < n_routed) {
+            const Routed& next = routed[i + 1];
+            for (int32_t p = 0; p < std::min(kPrefetchAhead, next.size); ++p) __builtin_prefetch(counts + next.members[p], 1);
+        }
+        const Routed& rb = routed[i];
+        for (int32_t p = 0; p < rb.size; ++p) {
+            if (p + kPrefetchAhead < rb.size) __builtin_prefetch(counts + rb.members[p + kPrefetchAhead], 1);
+            const int32_t it = rb.members[p];
+            const uint8_t c = counts[it];
+            if (c == 0) touched[n_touched++] = it;
+            counts[it] = static_cast<uint8_t>(c + (c != 255));
+        }
+    }
+    return n_touched;
+}
+
+// The hit-count threshold: the largest t <= top_count that at least k touched items reach, else 1
+// (one counting pass per t tried, from the top; top_count is min(min_count, R m), at most R in practice).
+template <class CountOf>
+int32_t hit_threshold(const int32_t* touched, int64_t n_touched, int64_t k, int32_t top_count, CountOf count_of) {
+    for (int32_t t = top_count; t > 1 && n_touched >= k; --t) {
+        int64_t reached = 0;
+        for (int64_t i = 0; i < n_touched; ++i) reached += count_of(touched[i]) >= t;
+        if (reached >= k) return t;
+    }
+    return 1;
+}
+
+// Appends the touched items that take_if accepts (it also zeroes their counts) to out in ascending
+// id order: a sort when few pass, else one pass over a bitmap of n_items bits (bits zeroed as read).
+template <class TakeIf>
+void emit_candidates(uint64_t* bits, int64_t n_words, const int32_t* touched, int64_t n_touched, TakeIf take_if,
+                     std::vector<int32_t>& out) {
+    const size_t start = out.size();
+    for (int64_t i = 0; i < n_touched; ++i) {
+        if (take_if(touched[i])) out.push_back(touched[i]);
+    }
+    const int64_t n_pass = static_cast<int64_t>(out.size() - start);
+    int64_t log2_pass = 1;
+    while ((int64_t{1} << log2_pass) < n_pass) ++log2_pass;
+    if (n_pass * log2_pass * 4 < n_words) {  // a sort's comparisons against a word scan
+        std::sort(out.begin() + static_cast<std::ptrdiff_t>(start), out.end());
+        return;
+    }
+    for (size_t i = start; i < out.size(); ++i) bits[out[i] >> 6] |= uint64_t{1} << (out[i] & 63);
+    size_t o = start;
+    for (int64_t w = 0; w < n_words; ++w) {
+        for (uint64_t word = bits[w]; word; word &= word - 1) out[o++] = static_cast<int32_t>(w * 64 + __builtin_ctzll(word));
+        bits[w] = 0;
+    }
+}
+
 [[noreturn]] void bad_member(int64_t r, int64_t p, int32_t id, int64_t n_items) {
     fail("members", "id " + std::to_string(id) + " at [" + std::to_string(r) + ", " + std::to_string(p) +
                         "] out of range [0, n_items=" + (n_items >= 0 ? std::to_string(n_items) : std::string("inf")) +
@@ -77,14 +137,26 @@ using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
 
 namespace {
 
-// Shared by merge_topk and merge_candidates: validation, hit accumulation and the
-// threshold. With candidates_only, `k` is the number of candidates the threshold
-// relaxes for, and each query's candidates are returned as CSR in ascending id
-// order (the order re-ranking scans the base in) instead of being ranked.
-// The options arrive checked; n_items < 0 means "max member id + 1".
+// What merge_core returns per query: the top k items by summed (or max) bucket score; the candidate
+// set as CSR in ascending id order (the order re-ranking scans the base in); or the candidate set
+// re-ranked exactly against the query, without materialising it.
+enum class Output { kRanked, kCandidates, kReranked };
+
+struct Rerank {  // the exact re-rank of Output::kReranked
+    const float* queries;  // [Q, d]
+    const float* base;     // [n_items, d]: item ids are rows
+    int64_t d;
+    int metric;
+};
+
+// Shared by merge_topk, merge_candidates and merge_rerank_topk: validation, hit accumulation and the
+// threshold. For kCandidates and kReranked, `k` is the number of candidates the threshold relaxes for
+// (and, reranked, the number of rows returned). The options arrive checked; n_items < 0 means
+// "max member id + 1".
 py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_scores_o, const py::object& offsets_o,
                      const py::object& members_o, const py::object& weights_o, int64_t k, int64_t min_count,
-                     bool agg_max, int64_t n_items, int64_t n_threads, bool candidates_only) {
+                     bool agg_max, int64_t n_items, int64_t n_threads, Output output, const Rerank* rerank = nullptr) {
+    const bool candidates_only = output != Output::kRanked;
     py::array bids_a = require_array<int32_t>(bucket_ids_o, "bucket_ids", 3);
     py::array bsc_a = require_array<float>(bucket_scores_o, "bucket_scores", 3);
     const int64_t Q = bids_a.shape(0), R = bids_a.shape(1), m = bids_a.shape(2);
@@ -111,7 +183,7 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
     const int32_t* mem = data_of<int32_t>(mem_a);
     const float* w = weighted ? data_of<float>(w_a) : nullptr;
 
-    const int64_t kk = candidates_only ? 0 : k;  // ranked outputs are [Q, k]; unused with candidates_only
+    const int64_t kk = output == Output::kCandidates ? 0 : k;  // ranked outputs are [Q, k]
     py::array_t<int32_t> ids_o({Q, kk}), counts_o({Q, kk}), ncand_o(Q);
     py::array_t<float> scores_o({Q, kk});
     py::array_t<int64_t> cand_offsets_o(Q + 1);
@@ -148,29 +220,51 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
             }
         }
         if (n_items < 0) n_items = max_member + 1;
+        // With n_items, the members of every routed bucket are checked once here, not per query.
+        std::vector<uint8_t> routed_bucket(scan_members ? 0 : static_cast<size_t>(R * B), 0);
         for (int64_t i = 0; i < Q * R * m; ++i) {
             if (bids[i] < -1 || bids[i] >= B) {
                 fail("bucket_ids", "id " + std::to_string(bids[i]) + " out of range [-1, B=" + std::to_string(B) +
                                        ")");
             }
+            if (!scan_members && bids[i] >= 0) routed_bucket[(i / m) % R * B + bids[i]] = 1;
+        }
+        for (int64_t rb = 0; rb < static_cast<int64_t>(routed_bucket.size()); ++rb) {
+            if (!routed_bucket[rb]) continue;
+            const int64_t r = rb / B, b = rb % B;
+            const int32_t* o = off + r * (B + 1);
+            const int32_t* mr = mem + r * M;
+            for (int32_t p = o[b]; p < o[b + 1]; ++p) {
+                if (mr[p] < 0 || mr[p] >= n_items) bad_member(r, p, mr[p], n_items);
+            }
         }
 
         const size_t max_hits = static_cast<size_t>(std::min<int64_t>(n_items, R * m * max_bucket));
+        const int32_t top_count = static_cast<int32_t>(std::min<int64_t>(min_count, R * m));  // hits <= R m
         const AddHitsFn add_hits_fn = weighted ? (agg_max ? add_hits<true, true> : add_hits<true, false>)
                                                : (agg_max ? add_hits<false, true> : add_hits<false, false>);
-        struct Scratch {
+        const bool byte_counts = candidates_only && top_count <= 255;
+        const int64_t n_words = candidates_only ? (n_items + 63) / 64 : 0;
+        struct Scratch {  // per thread: Slots for scores, else byte counts (Slots above 255) and a bitmap
             ZeroPool<Slot>::Lease slots;
-            std::vector<int32_t> touched, counts;
+            ZeroPool<uint8_t>::Lease counts;
+            ZeroPool<uint64_t>::Lease bits;
+            std::vector<int32_t> touched, cands;  // cands: one query's, when re-ranked
             std::vector<Routed> routed;
-            TopK top{true};
-            explicit Scratch(size_t n) : slots(n) {}
+            TopK top{true}, nearest{false};
+            std::unique_ptr<IdScanner> scanner;
+            Scratch(size_t n, bool byte_counts, size_t n_words)
+                : slots(byte_counts ? 0 : n), counts(byte_counts ? n : 0), bits(n_words) {}
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {
-            scratch.emplace_back(new Scratch(static_cast<size_t>(n_items)));
+            scratch.emplace_back(new Scratch(static_cast<size_t>(n_items), byte_counts, static_cast<size_t>(n_words)));
+            if (rerank) {
+                scratch.back()->scanner.reset(new IdScanner(rerank->metric, rerank->d));
+                scratch.back()->nearest.reserve(static_cast<size_t>(std::min<int64_t>(k, max_hits)));
+            }
             scratch.back()->touched.resize(max_hits);
             scratch.back()->routed.resize(static_cast<size_t>(R * m));
-            if (min_count > 1) scratch.back()->counts.reserve(max_hits);
             scratch.back()->top.reserve(static_cast<size_t>(std::min<int64_t>(k, max_hits)));
         }
 
@@ -189,37 +283,50 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
                         if (b < 0) continue;
                         s.routed[n_routed++] = Routed{mem + r * M + o[b], weighted ? w + r * M + o[b] : nullptr,
                                                       o[b + 1] - o[b], bsc[idx]};
-                        if (scan_members) continue;
-                        const int32_t* mr = mem + r * M;
-                        for (int32_t p = o[b]; p < o[b + 1]; ++p) {
-                            if (mr[p] < 0 || mr[p] >= n_items) bad_member(r, p, mr[p], n_items);
-                        }
                     }
                 }
-                const int64_t n_touched = add_hits_fn(slots, s.touched.data(), s.routed.data(), n_routed);
                 const int32_t* touched = s.touched.data();
-                // Threshold: the largest t <= min_count that at least k items reach, else 1.
-                int32_t thr = 1;
-                if (min_count > 1 && n_touched >= k) {
-                    s.counts.clear();
-                    for (int64_t i = 0; i < n_touched; ++i) s.counts.push_back(slots[touched[i]].count);
-                    std::nth_element(s.counts.begin(), s.counts.begin() + (k - 1), s.counts.end(),
-                                     std::greater<int32_t>());
-                    thr = static_cast<int32_t>(std::max<int64_t>(1, std::min<int64_t>(min_count, s.counts[k - 1])));
-                }
                 if (candidates_only) {
-                    std::vector<int32_t>& part = cand_parts[t];
+                    std::vector<int32_t>& part = rerank ? s.cands : cand_parts[t];
                     const size_t start = part.size();
-                    for (int64_t i = 0; i < n_touched; ++i) {
-                        const int32_t it = touched[i];
-                        if (slots[it].count >= thr) part.push_back(it);
-                        slots[it] = Slot{0.0f, 0};
+                    if (byte_counts) {
+                        uint8_t* counts = s.counts.get();
+                        const int64_t n_touched = add_counts(counts, s.touched.data(), s.routed.data(), n_routed);
+                        const int32_t thr = hit_threshold(touched, n_touched, k, top_count,
+                                                          [&](int32_t it) { return int32_t{counts[it]}; });
+                        emit_candidates(s.bits.get(), n_words, touched, n_touched, [&](int32_t it) {
+                            const bool take = counts[it] >= thr;
+                            counts[it] = 0;
+                            return take;
+                        }, part);
+                    } else {  // a threshold above 255 hits: counted in Slots
+                        const int64_t n_touched = add_hits_fn(slots, s.touched.data(), s.routed.data(), n_routed);
+                        const int32_t thr = hit_threshold(touched, n_touched, k, top_count,
+                                                          [&](int32_t it) { return slots[it].count; });
+                        emit_candidates(s.bits.get(), n_words, touched, n_touched, [&](int32_t it) {
+                            const bool take = slots[it].count >= thr;
+                            slots[it] = Slot{0.0f, 0};
+                            return take;
+                        }, part);
                     }
-                    std::sort(part.begin() + static_cast<std::ptrdiff_t>(start), part.end());
-                    cand_spans[t].emplace_back(q, static_cast<int64_t>(start));
                     out_ncand[q] = static_cast<int32_t>(part.size() - start);
+                    if (!rerank) {
+                        cand_spans[t].emplace_back(q, static_cast<int64_t>(start));
+                        continue;
+                    }
+                    s.nearest.reset(static_cast<size_t>(k));
+                    s.scanner->scan(rerank->queries + q * rerank->d, rerank->base, part.data(),
+                                    static_cast<int64_t>(part.size()), s.nearest);
+                    part.clear();
+                    s.nearest.emit([&](size_t i, const Entry* e) {
+                        out_ids[q * k + i] = e ? e->id() : -1;
+                        out_scores[q * k + i] = e ? e->value : INFINITY;
+                    });
                     continue;
                 }
+                const int64_t n_touched = add_hits_fn(slots, s.touched.data(), s.routed.data(), n_routed);
+                const int32_t thr = hit_threshold(touched, n_touched, k, top_count,
+                                                  [&](int32_t it) { return slots[it].count; });
                 s.top.reset(static_cast<size_t>(k));
                 int32_t n_cand = 0;
                 for (int64_t i = 0; i < n_touched; ++i) {
@@ -241,7 +348,8 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
             }
         });
     }
-    if (!candidates_only) return py::make_tuple(ids_o, scores_o, counts_o, ncand_o);
+    if (output == Output::kRanked) return py::make_tuple(ids_o, scores_o, counts_o, ncand_o);
+    if (output == Output::kReranked) return py::make_tuple(ids_o, scores_o, ncand_o);
     int64_t* cand_off = cand_offsets_o.mutable_data();
     cand_off[0] = 0;
     for (int64_t q = 0; q < Q; ++q) cand_off[q + 1] = cand_off[q] + out_ncand[q];
@@ -277,7 +385,7 @@ py::tuple merge_topk(const py::object& bucket_ids, const py::object& bucket_scor
     const std::string agg = require_str(agg_o, "agg");
     if (agg != "sum" && agg != "max") fail("agg", "must be 'sum' or 'max', got '" + agg + "'");
     return merge_core(bucket_ids, bucket_scores, offsets, members, weights, k, mc, agg == "max", n,
-                      require_threads(n_threads), false);
+                      require_threads(n_threads), Output::kRanked);
 }
 
 py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offsets, const py::object& members,
@@ -289,7 +397,24 @@ py::tuple merge_candidates(const py::object& bucket_ids, const py::object& offse
     py::array bids = require_array<int32_t>(bucket_ids, "bucket_ids", 3);
     py::array_t<float> zeros({bids.shape(0), bids.shape(1), bids.shape(2)});
     std::fill_n(zeros.mutable_data(), zeros.size(), 0.0f);
-    return merge_core(bucket_ids, zeros, offsets, members, py::none(), want, mc, false, n, threads, true);
+    return merge_core(bucket_ids, zeros, offsets, members, py::none(), want, mc, false, n, threads, Output::kCandidates);
+}
+
+py::tuple merge_rerank_topk(const py::object& queries_o, const py::object& base_o, const py::object& bucket_ids,
+                            const py::object& offsets, const py::object& members, const py::object& k_o,
+                            const py::object& min_count, const py::object& metric_o, const py::object& n_threads) {
+    py::array q_a = require_array<float>(queries_o, "queries", 2);
+    py::array x_a = require_array<float>(base_o, "base", 2);
+    require_shape(x_a, "base", 1, q_a.shape(1), "queries' dimension");
+    if (x_a.shape(0) > INT32_MAX) fail("base", "more than 2^31 - 1 rows");
+    py::array bids = require_array<int32_t>(bucket_ids, "bucket_ids", 3);
+    require_shape(bids, "bucket_ids", 0, q_a.shape(0), "one row per query");
+    const int64_t k = require_k(k_o), mc = require_min_count(min_count), threads = require_threads(n_threads);
+    const Rerank rerank{data_of<float>(q_a), data_of<float>(x_a), q_a.shape(1), require_metric(metric_o)};
+    py::array_t<float> zeros({bids.shape(0), bids.shape(1), bids.shape(2)});
+    std::fill_n(zeros.mutable_data(), zeros.size(), 0.0f);
+    return merge_core(bids, zeros, offsets, members, py::none(), k, mc, false, x_a.shape(0), threads, Output::kReranked,
+                      &rerank);
 }
 
 py::tuple topk_rows(const py::object& x_o, const py::object& k_o, const py::object& n_threads) {

@@ -3,10 +3,13 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(_kernels, m) {
-    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank, row top-k, balanced assignment";
+    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank (also fused with the merge), row top-k, balanced assignment";
     m.def("merge_candidates", &jaxidx::merge_candidates, py::arg("bucket_ids"), py::arg("offsets"),
           py::arg("members"), py::arg("min_count"), py::arg("min_candidates"), py::arg("n_items"),
           py::arg("n_threads"));
+    m.def("merge_rerank_topk", &jaxidx::merge_rerank_topk, py::arg("queries"), py::arg("base"),
+          py::arg("bucket_ids"), py::arg("offsets"), py::arg("members"), py::arg("k"), py::arg("min_count"),
+          py::arg("metric"), py::arg("n_threads"));
     m.def("merge_topk", &jaxidx::merge_topk, py::arg("bucket_ids"), py::arg("bucket_scores"), py::arg("offsets"),
           py::arg("members"), py::arg("weights"), py::arg("k"), py::arg("min_count"), py::arg("agg"),
           py::arg("n_items"), py::arg("n_threads"));

@@ -17,7 +17,7 @@
 // x*x (cosine norm) or (q - x)^2 (l2), each rounded to float32 (the build
 // uses -ffp-contract=off, so no fused multiply-add). One AVX2 register holds
 // the 8 lanes; the portable version keeps them in an array.
-#include "kernels.h"
+#include "scan.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -27,8 +27,6 @@
 namespace jaxidx {
 
 namespace {
-
-enum Metric { kIP = 0, kCosine = 1, kL2 = 2 };
 
 constexpr int64_t kPrefetchAhead = 32;  // rows (tuned at d = 50)
 constexpr int64_t kTileBytes = 128 << 10;  // rows of a bucket scanned for all its queries at once (L2-resident)
@@ -77,9 +75,6 @@ float distance_portable(const float* q, const float* x, int64_t d, float qnorm) 
     for (int l = 0; i + l < d; ++l) term(l, i + l);
     return finish(M, combine_lanes(a), M == kCosine ? combine_lanes(n) : 0.0f, qnorm);
 }
-
-using ScanFn = void (*)(const float* qpad, float qnorm, const float* base, int64_t d, const int32_t* ids, int64_t n,
-                        TopK& top);
 
 template <int M>
 void scan_portable(const float* qpad, float qnorm, const float* base, int64_t d, const int32_t* ids, int64_t n,
@@ -263,6 +258,23 @@ ScanFn pick_scan(int metric) {
 
 }  // namespace
 
+int require_metric(const py::object& metric_o) {
+    const std::string name = require_str(metric_o, "metric");
+    if (name == "ip") return kIP;
+    if (name == "cosine") return kCosine;
+    if (name == "l2") return kL2;
+    fail("metric", "must be 'ip', 'cosine' or 'l2', got '" + name + "'");
+}
+
+IdScanner::IdScanner(int metric, int64_t d)
+    : metric_(metric), d_(d), scan_(pick_scan(metric)), qpad_(static_cast<size_t>((d + 7) / 8 * 8), 0.0f) {}
+
+void IdScanner::scan(const float* q, const float* base, const int32_t* ids, int64_t n, TopK& top) {
+    std::copy(q, q + d_, qpad_.begin());
+    const float qnorm = metric_ == kCosine ? std::sqrt(dot_portable(q, q, d_)) : 0.0f;
+    scan_(qpad_.data(), qnorm, base, d_, ids, n, top);
+}
+
 py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, const py::object& cand_offsets_o,
                       const py::object& cand_ids_o, const py::object& run_lens_o, const py::object& k_o,
                       const py::object& metric_o, const py::object& n_threads) {
@@ -293,17 +305,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
         for (int64_t q = 0; q <= Q; ++q) offsets[q] = i64 ? data_of<int64_t>(oa)[q] : data_of<int32_t>(oa)[q];
     }
     const int64_t k = require_k(k_o);
-    const std::string metric_name = require_str(metric_o, "metric");
-    int metric;
-    if (metric_name == "ip") {
-        metric = kIP;
-    } else if (metric_name == "cosine") {
-        metric = kCosine;
-    } else if (metric_name == "l2") {
-        metric = kL2;
-    } else {
-        fail("metric", "must be 'ip', 'cosine' or 'l2', got '" + metric_name + "'");
-    }
+    const int metric = require_metric(metric_o);
     const int threads = resolve_threads(require_threads(n_threads), Q);
     const float* qs = data_of<float>(q_a);
     const float* base = data_of<float>(x_a);
@@ -331,7 +333,6 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                                     : "id " + std::to_string(cand[i]) + " out of range [-1, N=" + std::to_string(N) + ")");
             }
         }
-        const ScanFn scan = pick_scan(metric);
         const RowScanFn scan_rows = pick_row_scan(metric);
         const int64_t dpad = (d + 7) / 8 * 8;
         auto emit = [&](int64_t q, TopK& top) {
@@ -397,17 +398,16 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
             struct Scratch {
                 ZeroPool<uint8_t>::Lease seen;
                 std::vector<int32_t> unique;
-                std::vector<float> qpad;
+                IdScanner scanner;
                 TopK top{false};
-                explicit Scratch(size_t n) : seen(n) {}
+                Scratch(size_t n, int metric, int64_t d) : seen(n), scanner(metric, d) {}
             };
             int64_t max_per_query = 0;
             for (int64_t q = 0; q < Q; ++q) max_per_query = std::max(max_per_query, offsets[q + 1] - offsets[q]);
             std::vector<std::unique_ptr<Scratch>> scratch;
             for (int t = 0; t < threads; ++t) {
-                scratch.emplace_back(new Scratch(static_cast<size_t>(N)));
+                scratch.emplace_back(new Scratch(static_cast<size_t>(N), metric, d));
                 scratch.back()->unique.reserve(static_cast<size_t>(std::min(max_per_query, N)));
-                scratch.back()->qpad.assign(static_cast<size_t>(dpad), 0.0f);
                 scratch.back()->top.reserve(static_cast<size_t>(std::min(k, std::min(max_per_query, N))));
             }
             parallel_for(Q, threads, 4, [&](int t, int64_t q0, int64_t q1) {
@@ -423,11 +423,8 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                         }
                     }
                     for (int32_t c : s.unique) seen[c] = 0;
-                    const float* qv = qs + q * d;
-                    std::copy(qv, qv + d, s.qpad.begin());
-                    const float qnorm = metric == kCosine ? std::sqrt(dot_portable(qv, qv, d)) : 0.0f;
                     s.top.reset(static_cast<size_t>(k));
-                    scan(s.qpad.data(), qnorm, base, d, s.unique.data(), static_cast<int64_t>(s.unique.size()), s.top);
+                    s.scanner.scan(qs + q * d, base, s.unique.data(), static_cast<int64_t>(s.unique.size()), s.top);
                     out_nuniq[q] = static_cast<int32_t>(s.unique.size());
                     emit(q, s.top);
                 }

@@ -52,3 +52,57 @@ def test_threshold_relaxes_until_enough_candidates():
         host.merge_candidates(ids, offsets, members, 0, 1, 4)
     with pytest.raises(ValueError, match="bucket_ids"):
         host.merge_candidates(ids.astype(np.int64), offsets, members, 1, 1, 4)
+
+
+def _rerank_case(seed, R, N, B, Q, m, d=5):
+    ids, part = _case(seed, R, N, B, Q, m)
+    rng = np.random.default_rng(seed + 1)
+    return rng.standard_normal((Q, d), dtype=np.float32), rng.standard_normal((N, d), dtype=np.float32), ids, part
+
+
+# Small N: candidates listed from the bitmap; large N with few candidates: sorted.
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.integers(1, 40), st.sampled_from(["ip", "l2", "cosine"]),
+       st.sampled_from([(200, 16, 3), (200000, 16384, 1)]))
+def test_merge_rerank_equals_merge_then_rerank(seed, min_count, k, metric, shape):
+    N, B, m = shape
+    q, base, ids, part = _rerank_case(seed, 3, N, B, 12, m)
+    fused = host.merge_rerank_topk(q, base, ids, part.offsets, part.members, k, min_count, metric, 1)
+    cand = host.merge_candidates(ids, part.offsets, part.members, min_count, k, N, 1)
+    apart = host.rerank_topk(q, base, cand[:2], k, metric, 1)
+    ref = reference.merge_rerank_topk(q, base, ids, part.offsets, part.members, k, min_count, metric)
+    for x, y, z in zip(fused, (*apart[:2], cand[2]), ref):
+        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(x, z)
+    three = host.merge_rerank_topk(q, base, ids, part.offsets, part.members, k, min_count, metric, 3)
+    for x, y in zip(fused, three):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_hit_counts_beyond_a_byte():
+    # One repetition routed to the same bucket 300 times: 300 hits per member. A threshold up to 255
+    # is counted in saturating bytes, a larger one in full counters; both as the reference counts.
+    offsets = np.array([[0, 3, 6]], np.int32)
+    members = np.array([[0, 1, 2, 3, 4, 5]], np.int32)
+    ids = np.zeros((1, 1, 300), np.int32)
+    ids[0, 0, :2] = 1  # items 3-5 get 2 hits, items 0-2 get 298
+    for min_count, k in ((2, 1), (200, 1), (298, 3), (299, 3), (300, 4)):
+        a = host.merge_candidates(ids, offsets, members, min_count, k, 6)
+        b = reference.merge_candidates(ids, offsets, members, min_count, k, 6)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(host.merge_candidates(ids, offsets, members, 298, 3, 6)[1], [0, 1, 2])
+    np.testing.assert_array_equal(host.merge_candidates(ids, offsets, members, 299, 4, 6)[1], [0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("impl", [host, reference])
+@pytest.mark.parametrize("name,change", [
+    ("queries", dict(queries=np.zeros((12, 5)))), ("base", dict(base=np.zeros((200, 4), np.float32))),
+    ("bucket_ids", dict(bucket_ids=np.zeros((3, 3, 3), np.int32))), ("metric", dict(metric="dot")),
+    ("members", dict(base=np.zeros((150, 5), np.float32))), ("min_count", dict(min_count=0)), ("k", dict(k=0))])
+def test_merge_rerank_validation(impl, name, change):
+    q, base, ids, part = _rerank_case(0, 3, 200, 16, 12, 3)
+    args = dict(queries=q, base=base, bucket_ids=ids, offsets=part.offsets, members=part.members, k=5,
+                min_count=1, metric="l2")
+    with pytest.raises(ValueError, match=name):
+        impl.merge_rerank_topk(**{**args, **change})

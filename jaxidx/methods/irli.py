@@ -378,11 +378,10 @@ class IRLIIndex(Index):
                                                        len(self), n_threads)
             return SearchResult(ids=top, scores=score, n_candidates=n_cand)
         # ANN: every item hit in >= min_count repetitions (relaxed until k exist) is re-ranked exactly.
-        vectors = self.arrays["vectors"]
-        cand = kernels.merge_candidates(ids, offsets, members, min_count, k, len(vectors), n_threads)[:2]
-        rows, dist, n_unique = kernels.rerank_topk(queries, vectors, cand, k, kernel_metric(self.metric), n_threads)
+        rows, dist, n_cand = kernels.merge_rerank_topk(queries, self.arrays["vectors"], ids, offsets, members, k,
+                                                       min_count, kernel_metric(self.metric), n_threads)
         top = np.where(rows >= 0, self.arrays["ids"][np.maximum(rows, 0)], -1)
-        return SearchResult(ids=top, scores=dist, n_candidates=n_unique)
+        return SearchResult(ids=top, scores=dist, n_candidates=n_cand)
 
     def shard(self, mesh=None) -> "IRLIIndex":
         self._sharded = ShardedPartition(self._row_buckets(), self.n_buckets, self._item_ids(),

@@ -5,9 +5,11 @@ Three backends return the same results: `host` (C++ extension, multi-threaded,
 the default exported here), `reference` (NumPy, the executable specification)
 and `device` (pure JAX, jit-able, for accelerators; no balanced_assign, and no
 merge_candidates, whose output size varies per query: on device use merge_topk
-with k = the candidate budget).
+with k = the candidate budget; no merge_rerank_topk, its fusion: IRLI's device
+search does the same in `search.sharded`).
 """
 from jaxidx.search import device, host, reference
-from jaxidx.search.host import balanced_assign, merge_candidates, merge_topk, rerank_topk, topk_rows
+from jaxidx.search.host import balanced_assign, merge_candidates, merge_rerank_topk, merge_topk, rerank_topk, topk_rows
 
-__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "topk_rows", "balanced_assign", "host", "reference", "device"]
+__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "topk_rows", "balanced_assign", "host",
+           "reference", "device"]

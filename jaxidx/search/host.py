@@ -20,7 +20,7 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError("jaxidx._kernels is not built; run `python3 setup.py build_ext --inplace`") from e
 
-__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "topk_rows", "balanced_assign"]
+__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "topk_rows", "balanced_assign"]
 
 
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
@@ -48,6 +48,12 @@ def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):
         raise ValueError("candidates: a [Q, C] array, (cand_offsets, cand_ids) or (run_offsets, run_starts, run_lens)")
     offsets, ids, lens = (*candidates, None)[:3]
     return _kernels.rerank_topk(queries, base, offsets, ids, lens, k, metric, n_threads)
+
+
+def merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count=1, metric="ip", n_threads=0):
+    """merge_candidates then rerank_topk in one pass per query (the candidates stay in cache):
+    (ids, dist, n_candidates). See reference.merge_rerank_topk."""
+    return _kernels.merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count, metric, n_threads)
 
 
 def topk_rows(x, k, n_threads=0):

@@ -306,6 +306,19 @@ def rerank_topk(queries, base, candidates, k, metric="ip", n_threads=0):
     return ids, dist, n_unique
 
 
+def merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count=1, metric="ip", n_threads=0):
+    """merge_candidates (min_candidates = k, members are rows of base) then rerank_topk of those
+    candidates: (ids [Q, k], dist [Q, k], n_candidates [Q]). The host kernel fuses the two so that a
+    query's candidates are never written out; the results are the same."""
+    check_array(queries, "queries", np.float32, 2)
+    check_array(base, "base", np.float32, 2)
+    check_array(bucket_ids, "bucket_ids", np.int32, 3)
+    check_axis(bucket_ids, "bucket_ids", 0, queries.shape[0], "one row per query")
+    cand = merge_candidates(bucket_ids, offsets, members, min_count, k, base.shape[0], n_threads)
+    ids, dist, _ = rerank_topk(queries, base, cand[:2], k, metric, n_threads)
+    return ids, dist, cand[2]
+
+
 def topk_rows(x, k, n_threads=0):
     """Largest k entries of each row of x float32 [n, c]: (idx int32 [n, k],
     vals float32 [n, k]); ties to the smaller index, NaN last, padded -1 / -inf."""
