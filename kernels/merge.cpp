@@ -25,12 +25,12 @@ struct Routed {  // one routed bucket of a query
     float score;
 };
 
-// Adds the hits of a query's routed buckets, in order, to the per-item slots;
-// items seen for the first time are appended to touched (returns how many).
-// Prefetching runs ahead: member lists two buckets ahead, slots of the next
-// bucket's first members, and slots kPrefetchAhead members ahead in this one.
-template <bool kWeighted, bool kMax>
-int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_routed) {
+// Visits the members of a query's routed buckets in order, calling hit(cell, bucket, position) on each
+// member's per-item cell; hit returns whether the cell was untouched, and such items are appended to
+// touched (returns how many). Prefetching runs ahead: member lists (and weights) two buckets ahead,
+// cells of the next bucket's first members, and cells kPrefetchAhead members ahead in this one.
+template <bool kWeighted, class Cell, class Hit>
+int64_t visit_hits(Cell* cells, int32_t* touched, const Routed* routed, int64_t n_routed, Hit hit) {
     auto prefetch_members = [&](int64_t i) {
         if (i >= n_routed) return;
         prefetch_bytes(routed[i].members, routed[i].size * sizeof(int32_t));
@@ -44,51 +44,45 @@ int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_
         if (i + 1 < n_routed) {
             const Routed& next = routed[i + 1];
             for (int32_t p = 0; p < std::min(kPrefetchAhead, next.size); ++p) {
-                __builtin_prefetch(slots + next.members[p], 1);
+                __builtin_prefetch(cells + next.members[p], 1);
             }
         }
         const Routed& rb = routed[i];
         for (int32_t p = 0; p < rb.size; ++p) {
-            if (p + kPrefetchAhead < rb.size) __builtin_prefetch(slots + rb.members[p + kPrefetchAhead], 1);
-            const float c = kWeighted ? rb.score * rb.weights[p] : rb.score;
-            Slot& sl = slots[rb.members[p]];
-            if (sl.count == 0) {
-                touched[n_touched++] = rb.members[p];
-                if (kMax) sl.score = c;
-            }
-            if (!kMax) {
-                sl.score += c;
-            } else if (c > sl.score || std::isnan(c)) {  // max; NaN propagates
-                sl.score = c;
-            }
-            ++sl.count;
+            if (p + kPrefetchAhead < rb.size) __builtin_prefetch(cells + rb.members[p + kPrefetchAhead], 1);
+            if (hit(cells[rb.members[p]], rb, p)) touched[n_touched++] = rb.members[p];
         }
     }
     return n_touched;
 }
 
+// Adds each hit's bucket score (times its weight) to the item's slot: summed, or the max.
+template <bool kWeighted, bool kMax>
+int64_t add_hits(Slot* slots, int32_t* touched, const Routed* routed, int64_t n_routed) {
+    return visit_hits<kWeighted>(slots, touched, routed, n_routed, [](Slot& sl, const Routed& rb, int32_t p) {
+        const float c = kWeighted ? rb.score * rb.weights[p] : rb.score;
+        const bool first = sl.count == 0;
+        if (first && kMax) sl.score = c;
+        if (!kMax) {
+            sl.score += c;
+        } else if (c > sl.score || std::isnan(c)) {  // max; NaN propagates
+            sl.score = c;
+        }
+        ++sl.count;
+        return first;
+    });
+}
+
 using AddHitsFn = int64_t (*)(Slot*, int32_t*, const Routed*, int64_t);
 
 // The hits of merge_candidates, which needs no scores: one saturating byte per item (an eighth of a
-// Slot's cache footprint; exact while the threshold is at most 255), same order and prefetching.
+// Slot's cache footprint; exact while the threshold is at most 255).
 int64_t add_counts(uint8_t* counts, int32_t* touched, const Routed* routed, int64_t n_routed) {
-    int64_t n_touched = 0;
-    for (int64_t i = 0; i < n_routed; ++i) {
-        if (i + 2 < n_routed) prefetch_bytes(routed[i + 2].members, routed[i + 2].size * sizeof(int32_t));
-        if (i + 1 < n_routed) {
-            const Routed& next = routed[i + 1];
-            for (int32_t p = 0; p < std::min(kPrefetchAhead, next.size); ++p) __builtin_prefetch(counts + next.members[p], 1);
-        }
-        const Routed& rb = routed[i];
-        for (int32_t p = 0; p < rb.size; ++p) {
-            if (p + kPrefetchAhead < rb.size) __builtin_prefetch(counts + rb.members[p + kPrefetchAhead], 1);
-            const int32_t it = rb.members[p];
-            const uint8_t c = counts[it];
-            if (c == 0) touched[n_touched++] = it;
-            counts[it] = static_cast<uint8_t>(c + (c != 255));
-        }
-    }
-    return n_touched;
+    return visit_hits<false>(counts, touched, routed, n_routed, [](uint8_t& c, const Routed&, int32_t) {
+        const bool first = c == 0;
+        c = static_cast<uint8_t>(c + (c != 255));
+        return first;
+    });
 }
 
 // The hit-count threshold: the largest t <= top_count that at least k touched items reach, else 1
