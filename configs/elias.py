@@ -44,6 +44,9 @@ def _elias(data: str) -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.01
     c.train.warmup = 0.1
     c.train.stage2_reinit_labels = True  # stage 2 starts the label classifiers afresh (as the original)
+    c.train.label_optimizer = "auto"  # 'dense': AdamW over all L label rows each step; 'lazy': over the rows
+                                      # in the step's shortlists only (O(batch K H), lazy Adam); 'auto': lazy
+                                      # with the sparse layout
     c.search.query_batch = 256
     c.search.settings = [{"beam": 10, "shortlist": 200}, {"beam": 20, "shortlist": 500}]
     return c
@@ -99,8 +102,10 @@ def auto(data) -> ml_collections.ConfigDict:
     leaves of max_leaf = the power of two near sqrt(L) within 8..100 labels (C ~ L / max_leaf clusters);
     beam C / 2 within 4..20; kappa 4 x max_leaf within 16..256; dense input, hidden 512 and dropout 0.5
     up to 4096 features, else an embedding bag, hidden 1024, dropout 0.2 and stage 2 keeping stage 1's
-    label classifiers (the long-tail setting); batch 128 below 8000 rows else 256; about 1000 steps per
-    stage (epochs within 10..20)."""
+    label classifiers (the long-tail setting); the sparse training layout (shortlist arrays [batch, K] and
+    lazy label-row updates, train.label_optimizer 'auto') above 65536 labels, where the dense layout's
+    [batch, L] arrays pass 64 MB each; batch 128 below 8000 rows else 256; about 1000 steps per stage
+    (epochs within 10..20)."""
     L, n, D = data.n_labels, data.X_train.shape[0], data.n_features
     c = _elias(data.name)
     max_leaf = min(100, max(8, pow2_near(math.sqrt(L))))
@@ -109,7 +114,8 @@ def auto(data) -> ml_collections.ConfigDict:
     dense = D <= 4096
     c.model.update(input="dense" if dense else "sparse", max_leaf=max_leaf, beam=beam,
                    kappa=min(256, max(16, 4 * max_leaf)), hidden=(512,) if dense else (1024,),
-                   dropout=0.5 if dense else 0.2, shortlist=min(2000, L))
+                   dropout=0.5 if dense else 0.2, shortlist=min(2000, L),
+                   layout="sparse" if L > 65536 else "dense")
     batch = 128 if n < 8000 else 256
     epochs = min(20, max(10, round(1000 * batch / max(n, 1))))
     c.train.update(epochs=epochs, stage2_epochs=epochs, batch_size=batch, stage2_reinit_labels=dense)

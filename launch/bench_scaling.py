@@ -5,7 +5,8 @@
 
 XMC: IRLI and ELIAS (`scaling_xmc` presets in configs/) on `scaling_xmc_spec(L)` (power-law labels, L / 20
 training examples, 10K features) for each L, trained for a fixed budget of about --steps steps per stage;
-ELIAS also without its cluster cap (C = L / 100) at --elias_uncapped, untrained (per-query cost only).
+ELIAS also without its cluster cap (C = L / 100) at --elias_uncapped, untrained (per-query cost only), and
+with dense AdamW over all label rows (its path before lazy label rows) at --elias_dense_labels.
 ANN: LMI and IRLI (`scaling_ann` presets) on GloVe (`scaling_ann_spec(N)`, noisy copies beyond 390K) beside
 faiss IVF-Flat (nlist = the learned index's bucket count), hnswlib and brute force. Devices: the `tiny`
 presets trained on 1, 2, 4, 8 simulated CPU devices (`JAX_NUM_CPU_DEVICES`), losses and parameters compared.
@@ -41,6 +42,7 @@ FULL = {"xmc_labels": [10**4, 10**5, 10**6], "ann_sizes": [100000, 390000, 10000
         "xmc_methods": ["irli", "elias"], "ann_methods": ["lmi", "irli"], "device_methods": ["irli", "lmi", "elias"],
         "steps": 128, "lmi_examples": 2 * 10**6, "irli_ann_epochs": 8, "device_epochs": 2, "xmc_test": 1000,
         "ann_queries": 1000, "candidates": 4000, "latency_queries": 200, "device_data": {}, "elias_uncapped": None,
+        "elias_dense_labels": None,
         "irli_ann_max": 1000000, "hnsw_budget": 300.0, "hnsw_ef": 40, "workdir": "runs/scaling"}
 SMALL = dict(FULL, xmc_labels=[1000, 3000], ann_sizes=[2000, 6000], steps=1, lmi_examples=2000, irli_ann_epochs=2,
              device_epochs=1, xmc_test=100, ann_queries=100, candidates=1000, latency_queries=20,
@@ -63,6 +65,9 @@ flags.DEFINE_integer("irli_ann_epochs", None, "IRLI training epochs in the ANN p
                      "re-partitioned halfway).")
 flags.DEFINE_list("elias_uncapped", None, "L at which ELIAS also runs with C = L / 100, untrained, for its per-query "
                   "cost (default: the largest L, if the cluster cap changes its C).")
+flags.DEFINE_list("elias_dense_labels", None, "L at which ELIAS also trains with train.label_optimizer 'dense' "
+                  "(AdamW over all L label rows every step) beside the lazy rows of its sparse layout, for the "
+                  "step-time comparison (default: the largest L).")
 flags.DEFINE_integer("irli_ann_max", None, "Largest N IRLI is trained on in the ANN part (1M; see the skip "
                      "reason in BENCHMARKS.md).")
 flags.DEFINE_float("hnsw_budget", None, "Skip hnswlib where its build, estimated from the last measured rate, "
@@ -76,7 +81,7 @@ flags.DEFINE_string("worker", None, "Internal: run one measurement (a JSON job) 
 flags.DEFINE_integer("threads", 0, "Internal: cores a worker is pinned to (search workers: 1).")
 FLAGS = flags.FLAGS
 _FLAG_KEYS = ("xmc_labels", "ann_sizes", "devices", "xmc_methods", "ann_methods", "device_methods", "steps",
-              "lmi_examples", "irli_ann_epochs", "elias_uncapped", "irli_ann_max", "hnsw_budget", "candidates",
+              "lmi_examples", "irli_ann_epochs", "elias_uncapped", "elias_dense_labels", "irli_ann_max", "hnsw_budget", "candidates",
               "hnsw_ef", "workdir")
 
 
@@ -118,6 +123,8 @@ def train_job(job: dict) -> dict:
     if job["part"] == "xmc":
         extra = {"max_clusters": job["max_clusters"]} if "max_clusters" in job else {}
         config = mod.scaling_xmc(job["size"], steps=job["steps"], n_test=job["queries"], **extra)
+        if "label_optimizer" in job:
+            config.train.label_optimizer = job["label_optimizer"]
     else:
         config = mod.scaling_ann(job["size"], n_queries=job["queries"], **job["budget"])
     config.lock()
@@ -253,20 +260,26 @@ def xmc_part(cfg: dict, run=run_worker) -> dict:
     uncapped = cfg["elias_uncapped"]
     if uncapped is None:
         uncapped = [L for L in labels[-1:] if "elias" in cfg["xmc_methods"] and elias.scaling_xmc(L).model.max_leaf > 100]
+    dense_labels = cfg["elias_dense_labels"]
+    if dense_labels is None:
+        dense_labels = labels[-1:] if "elias" in cfg["xmc_methods"] else []
     runs = [(m, L, {}) for m in cfg["xmc_methods"] for L in labels]
+    runs += [("elias", L, {"label_optimizer": "dense"}) for L in dense_labels]
     runs += [("elias", L, {"max_clusters": 0, "steps": 0}) for L in uncapped]
     rows = []
     for method, L, extra in runs:
+        uncap, dense = "max_clusters" in extra, "label_optimizer" in extra
         job = {"part": "xmc", "method": method, "size": L, "steps": cfg["steps"], "queries": cfg["xmc_test"],
-               "workdir": os.path.join(cfg["workdir"], f"xmc-{method}-{L}" + ("-uncapped" if extra else "")), **extra}
+               "workdir": os.path.join(cfg["workdir"], f"xmc-{method}-{L}" + ("-uncapped" if uncap else "")
+                                       + ("-dense-labels" if dense else "")), **extra}
         print(f"== xmc {method} L={L} {extra}", flush=True)
         tr = run("train", job)
         se = run("search", dict(job, latency_queries=cfg["latency_queries"]))
         res, sh, st = se["results"][0], tr["shapes"], list(tr["stages"].values())
-        uncap = bool(extra)
         arrays = {**tr["arrays"], **{"index." + k: v for k, v in se["arrays"].items()}}
         rows.append({
-            "method": method + (" (C = L/100, untrained: cost only)" if uncap else ""), "labels": L,
+            "method": method + (" (C = L/100, untrained: cost only)" if uncap else "")
+            + (" (dense label AdamW)" if dense else ""), "labels": L,
             "buckets": sh.get("n_buckets", sh.get("n_clusters")), "train_examples": tr["n_train"],
             "steps": "/".join(str(s["steps"]) for s in st), "epochs": "/".join(str(s["epochs"]) for s in st),
             "step_ms": "/".join(f"{s['step_ms']:.0f}" for s in st),

@@ -58,6 +58,8 @@ ELIAS_CASES = [
     ("model.input", "tfidf", "model.input"),
     ("model.input", "text", "model.input: 'text' needs a data set with raw text"),
     ("model.layout", "csr", "model.layout"),
+    ("train.label_optimizer", "sgd", "train.label_optimizer"),
+    ("train.label_optimizer", "lazy", "needs model.layout 'sparse'"),  # tiny's layout is dense
     ("model.hidden", (0,), "model.hidden"),
     ("train.stage2_epochs", -1, "train.stage2_epochs"),
     ("train.encoder_learning_rate", 0.0, "train.encoder_learning_rate"),

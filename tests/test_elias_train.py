@@ -103,6 +103,7 @@ def test_dense_and_sparse_layouts_give_the_same_loss_and_gradients(data):
     for layout in ("dense", "sparse"):
         c = _config()
         c.model.update(layout=layout, beta=1.0, shortlist=30)  # beta 1: no saturated (tied) edge weights
+        c.train.label_optimizer = "dense"  # the loss alone, without the lazy optimizer's row ids
         method, _, _ = build(c, data=data)
         params1, _ = method.stage("stage1").init(jax.random.key(0))
         task = method.stage("stage2", types.SimpleNamespace(params=params1))
@@ -219,6 +220,23 @@ def test_resume_after_sigterm_in_either_stage_matches_uninterrupted(tmp_path, tr
     np.testing.assert_array_equal(result.aux["members"], ref.aux["members"])
 
 
+def test_lazy_label_rows_train_and_resume_bit_identically(tmp_path, data):
+    """Sparse layout: the label classifiers train lazily (only shortlisted rows move) and a run stopped
+    in stage 2 resumes to the uninterrupted run's parameters exactly."""
+    config = _config()
+    config.model.layout = "sparse"
+    task, ref = _train(tmp_path / "ref", config, data)
+    assert task.lazy_labels and not ref.interrupted
+    _, stopped = _train(tmp_path / "resumed", config, data, stop_at=("stage2", task.steps_per_epoch + 2))
+    assert stopped.interrupted
+    _, resumed = _train(tmp_path / "resumed", config, data)
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(jax.device_get(ref.params))):
+        np.testing.assert_array_equal(a, b)
+    with open(tmp_path / "ref" / "stage2" / "metrics.jsonl") as f:
+        losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
 def test_evaluate_from_run_directory(trained, data, monkeypatch):
     workdir, _, _ = trained
     import jaxidx.runner as runner
@@ -289,10 +307,11 @@ def test_sharded_over_labels_matches_unsharded():
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
-def devices_summary(workdir: str, model_parallel: int = 1) -> dict:
-    """Train the tiny preset for an epoch of each stage; what the 1- vs 8-device test compares."""
+def devices_summary(workdir: str, model_parallel: int = 1, layout: str = "dense") -> dict:
+    """Train the tiny preset for an epoch of each stage; what the 1- vs 8-device test compares. The sparse
+    layout trains the label classifiers lazily (train.label_optimizer 'auto')."""
     config = load_config("configs/elias.py:tiny", **{"train.epochs": 1, "train.stage2_epochs": 1, "train.log_every": 1,
-                                                    "mesh.model_parallel": model_parallel})
+                                                    "mesh.model_parallel": model_parallel, "model.layout": layout})
     method, data, mesh = build(config)
     _, res = fit_stages(method, config, workdir, mesh, data_fingerprint=data.fingerprint(), progress=False)
     losses = [r["train/loss"] for s in method.stages for r in read_metrics(os.path.join(workdir, s))
@@ -303,18 +322,22 @@ def devices_summary(workdir: str, model_parallel: int = 1) -> dict:
 
 
 def test_one_vs_eight_devices_same_training(tmp_path):
-    """Both stages on 8 devices, data parallel and with the label classifier split over 'model', = 1 device."""
+    """Both stages on 8 devices, data parallel and with the label classifier split over 'model', = 1 device;
+    with dense label updates and with lazy ones (rows scattered into the split classifier)."""
     code = ("import json, sys; sys.path.insert(0, 'tests'); from test_elias_train import devices_summary; "
-            "print(json.dumps([devices_summary({!r} + str(mp), mp) for mp in {}]))")
+            "print(json.dumps([devices_summary({!r} + str(mp) + layout, mp, layout) for mp, layout in {}]))")
+    runs1, runs8 = [(1, "dense"), (1, "sparse")], [(1, "dense"), (4, "dense"), (4, "sparse")]
     if jax.device_count() == 1:
-        one = devices_summary(str(tmp_path / "one"))
+        ones = [devices_summary(str(tmp_path / f"one{mp}{layout}"), mp, layout) for mp, layout in runs1]
     else:
-        one, = run_python(code.format(str(tmp_path / "one"), (1,)), {"JAX_NUM_CPU_DEVICES": "1"})
-    eight, split = run_python(code.format(str(tmp_path / "eight"), (1, 4)), {"JAX_NUM_CPU_DEVICES": "8"})
-    assert (one["devices"], eight["devices"], split["devices"]) == (1, 8, 8)
-    assert split["label_rows_per_device"] == one["label_rows_per_device"] // 4
-    for other in (eight, split):
-        np.testing.assert_allclose(one["losses"], other["losses"], rtol=1e-4, atol=1e-6)
-        np.testing.assert_array_equal(one["members"], other["members"])  # the same stage-2 adjacency
-        for a, b in zip(one["params"], other["params"]):
+        ones = run_python(code.format(str(tmp_path / "one"), runs1), {"JAX_NUM_CPU_DEVICES": "1"})
+    eights = run_python(code.format(str(tmp_path / "eight"), runs8), {"JAX_NUM_CPU_DEVICES": "8"})
+    one = dict(zip(("dense", "sparse"), ones))
+    assert [r["devices"] for r in ones + eights] == [1, 1, 8, 8, 8]
+    assert eights[1]["label_rows_per_device"] == one["dense"]["label_rows_per_device"] // 4
+    for (_, layout), other in zip(runs8, eights):
+        ref = one[layout]
+        np.testing.assert_allclose(ref["losses"], other["losses"], rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(ref["members"], other["members"])  # the same stage-2 adjacency
+        for a, b in zip(ref["params"], other["params"]):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -92,7 +92,10 @@ def test_auto_rules_follow_the_data():
         assert c.train.max_train_points == points and c.partition.repartition_every == 4  # fewer passes over N
     x = synthetic_xmc(n_train=500, n_test=10, n_features=300, n_labels=1000, seed=0)
     c = get_config("elias", x)
-    assert c.model.max_leaf == 32 and c.model.input == "dense" and c.model.beam == 16
+    assert c.model.max_leaf == 32 and c.model.input == "dense" and c.model.beam == 16 and c.model.layout == "dense"
+    c = get_config("elias", SimpleNamespace(task="xmc", n_labels=200000, n_features=10000, X_train=np.zeros((50000, 1)),
+                                            name="synthetic-xmc:n=100,labels=200000"))
+    assert c.model.layout == "sparse" and c.train.label_optimizer == "auto"  # [batch, K] arrays, lazy label rows
     c = get_config("irli", x)
     assert c.model.n_buckets == 64 and c.model.n_reps == 16 and c.partition.top_k == 4
     with pytest.raises(ValueError, match="auto preset sizes itself from the data"):

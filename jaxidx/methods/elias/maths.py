@@ -14,11 +14,10 @@ import numpy as np
 
 from jaxidx.models.encoder import MLPEncoder, TransformerEncoder
 from jaxidx.train import batches as B_
+from jaxidx.train.sparse_rows import take_rows
 
 NEG = -1e30  # log score of an absent edge / label: finite, so no inf or NaN reaches a gradient
 _BIG_ID = np.iinfo(np.int32).max  # sorts padding after every label id
-STAGES = ("stage1", "stage2")
-INPUTS = ("sparse", "dense", "text")  # embedding bag over features | densified features | transformer over tokens
 
 
 def log_cluster_scores(logits: jax.Array, alpha: float) -> jax.Array:
@@ -68,16 +67,25 @@ def expand_paths(beam_ids: jax.Array, beam_log_s: jax.Array, members: jax.Array,
 def best_paths(labels: jax.Array, log_path: jax.Array):
     """Each label once per row, with its best path: (sorted labels, best log path), [b, n] each.
 
-    Rows are sorted by (label, path descending) with padding last; the first
-    entry of each label keeps its path and repeats get NEG, so a label's best
-    path is at the first position `searchsorted` finds for it.
+    Rows are sorted by label with padding last; the first entry of each label
+    holds its best path (the earliest of tied ones, which gets the gradient) and
+    repeats get NEG, so a label's best path is at the first position
+    `searchsorted` finds for it. The labels are sorted alone and each entry
+    finds its run by `searchsorted`: XLA's CPU sort of one integer array is
+    several times faster than its sort of (label, path, position) tuples.
     """
     key = jnp.where(labels >= 0, labels, _BIG_ID)
-    pos = jax.lax.broadcasted_iota(jnp.int32, labels.shape, 1)
-    key, _, perm = jax.lax.sort((key, -jax.lax.stop_gradient(log_path), pos), dimension=1, num_keys=2)
-    first = jnp.concatenate([jnp.ones_like(key[:, :1], bool), key[:, 1:] != key[:, :-1]], axis=1)
-    best = jnp.where(first & (key != _BIG_ID), jnp.take_along_axis(log_path, perm, axis=1), NEG)
-    return key, best
+    sorted_key = jax.lax.sort(key, dimension=1)
+    run = jax.vmap(partial(jnp.searchsorted, side="left"))(sorted_key, key)  # each entry's run start
+    rows = jnp.arange(key.shape[0])[:, None]
+    n = key.shape[1]
+    value = jax.lax.stop_gradient(log_path)
+    run_max = jnp.full(key.shape, -jnp.inf, value.dtype).at[rows, run].max(value)
+    pos = jax.lax.broadcasted_iota(jnp.int32, key.shape, 1)
+    is_max = value == jnp.take_along_axis(run_max, run, axis=1)
+    winner = jnp.full(key.shape, n, jnp.int32).at[rows, run].min(jnp.where(is_max, pos, n))
+    best = jnp.take_along_axis(log_path, jnp.minimum(winner, n - 1), axis=1)
+    return sorted_key, jnp.where((winner < n) & (sorted_key != _BIG_ID), best, NEG)
 
 
 def shortlist(sorted_labels: jax.Array, best: jax.Array, k: int):
@@ -146,13 +154,14 @@ def label_logits(labels_params: dict, phi: jax.Array, ids: jax.Array, dense: boo
 
     dense: all labels' logits phi @ W^T, then a gather (cheapest while L is
     below about batch * k); else gather the k classifier rows per example
-    (memory b * k * d, independent of L).
+    (memory b * k * d, independent of L; `labels_params` may be a `sparse_rows.RowTable`).
     """
-    W, bias = labels_params["kernel"], labels_params["bias"]
     safe = jnp.where(ids >= 0, ids, 0)
     if dense:
+        W, bias = labels_params["kernel"], labels_params["bias"]
         return jnp.take_along_axis(phi @ W.T + bias, safe, axis=1)
-    return jnp.einsum("bd,bkd->bk", phi, jnp.take(W, safe, axis=0)) + jnp.take(bias, safe)
+    rows = take_rows(labels_params, safe)
+    return jnp.einsum("bd,bkd->bk", phi, rows["kernel"]) + rows["bias"]
 
 
 def elias_loss(log_path: jax.Array, logits: jax.Array, valid: jax.Array, target: jax.Array,

@@ -22,11 +22,13 @@ from jaxidx.methods.elias.maths import (
     shortlist, top_k_mask)
 from jaxidx.train import batches as B_
 from jaxidx.train import mesh as mesh_lib
+from jaxidx.train import sparse_rows
 
 log = logging.getLogger(__name__)
 
 STAGES = ("stage1", "stage2")
 INPUTS = ("sparse", "dense", "text")  # embedding bag over features | densified features | transformer over tokens
+LABEL_OPTIMIZERS = ("auto", "dense", "lazy")  # AdamW over all label rows | over the step's shortlisted rows only
 
 
 def warmup_linear(peak: float, total_steps: int, warmup: float):
@@ -60,6 +62,12 @@ def validate_config(config, n_labels: int) -> None:
         raise ValueError(f"model.input: must be one of {', '.join(INPUTS)}, got {m.input!r}")
     if m.layout not in ("dense", "sparse"):
         raise ValueError(f"model.layout: must be 'dense' or 'sparse', got {m.layout!r}")
+    choice = label_optimizer(config)
+    if choice not in LABEL_OPTIMIZERS:
+        raise ValueError(f"train.label_optimizer: must be one of {', '.join(LABEL_OPTIMIZERS)}, got {choice!r}")
+    if choice == "lazy" and m.layout != "sparse":
+        raise ValueError("train.label_optimizer: 'lazy' needs model.layout 'sparse' (the dense layout scores "
+                         "every label in every step, so every label row has a gradient)")
     if clustering.n_leaves_for(n_labels, m.max_leaf) > n_labels:
         raise ValueError(f"model.max_leaf: {m.max_leaf} gives more clusters than the {n_labels} labels")
     if not 0 <= t.warmup < 1:
@@ -67,6 +75,18 @@ def validate_config(config, n_labels: int) -> None:
     for s in config.search.settings:
         if s.get("beam", 1) < 1 or s.get("shortlist", 1) < 1:
             raise ValueError(f"search.settings: beam and shortlist must be >= 1, got {s}")
+
+
+def label_optimizer(config) -> str:
+    """`train.label_optimizer` ('dense' for runs saved before the field existed, which trained densely)."""
+    return config.train.get("label_optimizer", "dense")
+
+
+def lazy_label_rows(config) -> bool:
+    """Whether the label classifiers train lazily ('auto': with the sparse layout, where a step scores
+    batch x K labels and the dense AdamW's pass over all L rows would dominate the step)."""
+    choice = label_optimizer(config)
+    return choice == "lazy" or (choice == "auto" and config.model.layout == "sparse")
 
 
 # --- the method --------------------------------------------------------------------------------------
@@ -128,6 +148,7 @@ class ELIASStage:
         self.train_beam = min(C, m.beam + m.teacher_extra)
         self.train_k = min(m.shortlist, self.train_beam * self.width)
         self._route = jax.jit(partial(route_clusters, method.encoder, self.config.model.alpha), static_argnames="beam")
+        self.lazy_labels = lazy_label_rows(self.config)
 
     # --- model -----------------------------------------------------------------------------------
     def encode(self, params, x, rng=None):
@@ -165,17 +186,22 @@ class ELIASStage:
         return params, {"members": members, "home": self._home(params, members)}
 
     def optimizer(self, total_steps):
-        """AdamW (no decay on biases) with warmup-then-linear-decay; encoder and classifiers at their own rates."""
+        """AdamW (no decay on biases) with warmup-then-linear-decay; encoder and classifiers at their own rates.
+        With lazy label rows, the label classifiers' AdamW updates only the rows of the step's shortlists."""
         t = self.config.train
 
         def adamw(lr):
             return optax.adamw(warmup_linear(lr, total_steps, t.warmup), weight_decay=t.weight_decay,
                                mask=lambda p: jax.tree.map(lambda a: a.ndim >= 2, p))
 
-        return optax.multi_transform(
+        tx = optax.multi_transform(
             {"encoder": adamw(t.encoder_learning_rate), "classifiers": adamw(t.learning_rate)},
             lambda p: {k: jax.tree.map(lambda _: "encoder" if k == "encoder" else "classifiers", v)
                        for k, v in p.items()})
+        if not self.lazy_labels:
+            return tx
+        return sparse_rows.RowSparse(dense=tx, tables=("labels",), weight_decay=t.weight_decay,
+                                     learning_rate=warmup_linear(t.learning_rate, total_steps, t.warmup))
 
     def loss(self, params, batch, aux, rng):
         m = self.config.model
@@ -217,6 +243,8 @@ class ELIASStage:
         n_pos = jnp.maximum(jnp.sum((labels >= 0) * w), 1.0)
         metrics["shortlist_recall"] = jnp.sum((target & valid) * w) / n_pos
         metrics["path_recall"] = jnp.sum(pos_found * w) / n_pos
+        if self.lazy_labels:  # the label rows scored (sparse layout: ids), for the lazy optimizer
+            return loss, (metrics, {"labels": jnp.where(valid, ids, -1)})
         return loss, metrics
 
     def batch(self, epoch, index):
