@@ -72,6 +72,8 @@ flags.DEFINE_integer("irli_ann_max", None, "Largest N IRLI is trained on in the 
                      "reason in BENCHMARKS.md).")
 flags.DEFINE_float("hnsw_budget", None, "Skip hnswlib where its build, estimated from the last measured rate, "
                    "would take longer than this many seconds (300).")
+flags.DEFINE_integer("xmc_test", None, "XMC test queries per data set (1000; --small: 100); the data's label "
+                     "prototypes are drawn after its rows, so another count is other data of the same law.")
 flags.DEFINE_integer("candidates", None, "ANN: recall@10 and queries/s compared at this many candidates per query "
                      "(4000; --small: 1000).")
 flags.DEFINE_integer("hnsw_ef", None, "ANN: the hnswlib setting in the summary table (40).")
@@ -81,8 +83,8 @@ flags.DEFINE_string("worker", None, "Internal: run one measurement (a JSON job) 
 flags.DEFINE_integer("threads", 0, "Internal: cores a worker is pinned to (search workers: 1).")
 FLAGS = flags.FLAGS
 _FLAG_KEYS = ("xmc_labels", "ann_sizes", "devices", "xmc_methods", "ann_methods", "device_methods", "steps",
-              "lmi_examples", "irli_ann_epochs", "elias_uncapped", "elias_dense_labels", "irli_ann_max", "hnsw_budget", "candidates",
-              "hnsw_ef", "workdir")
+              "lmi_examples", "irli_ann_epochs", "elias_uncapped", "elias_dense_labels", "irli_ann_max", "hnsw_budget",
+              "candidates", "xmc_test", "hnsw_ef", "workdir")
 
 
 # --- workers (each runs in its own process) ------------------------------------------------------------

@@ -20,7 +20,7 @@ from jaxidx import evaluate as evaluate_lib
 from jaxidx.methods.elias import log_edge_weights
 from jaxidx.methods.elias.maths import cluster_logits, route_clusters
 from jaxidx.runner import build, evaluate_checkpoint
-from jaxidx.train.checkpoint import Checkpointer
+from jaxidx.train.checkpoint import CheckpointError, Checkpointer
 from jaxidx.train.loop import fit_stages
 from jaxidx.train.metrics_log import read_metrics
 
@@ -235,6 +235,9 @@ def test_lazy_label_rows_train_and_resume_bit_identically(tmp_path, data):
     with open(tmp_path / "ref" / "stage2" / "metrics.jsonl") as f:
         losses = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    config.train.label_optimizer = "dense"  # another optimizer state: refused, naming the field
+    with pytest.raises(CheckpointError, match="label_optimizer=lazy"):
+        _train(tmp_path / "ref", config, data)
 
 
 def test_evaluate_from_run_directory(trained, data, monkeypatch):

@@ -71,8 +71,8 @@ class RowSparse:
                 "rows": jax.tree.map(lambda v: {"mu": jnp.zeros_like(v), "nu": jnp.zeros_like(v)}, tables)}
 
     def update_rows(self, step: jax.Array, tables: dict, moments: dict, ids: dict, deltas_grad: dict):
-        """AdamW on the rows `ids` of each table; returns (tables, moments, gradient of the rows summed per
-        distinct row, as a tree for the gradient norm)."""
+        """AdamW on the rows `ids` of each table; returns (tables, moments, the gradient summed per distinct
+        row, zero in the padding slots: what the dense gradient holds in those rows, for its norm)."""
         t = (step + 1).astype(jnp.float32)
         lr = self.learning_rate(step)
         new_tables, new_moments, row_grads = {}, {}, {}
@@ -94,7 +94,7 @@ class RowSparse:
                 new_tables[name][leaf] = p.at[rows].set(w - lr * u, mode="drop")
                 new_moments[name][leaf] = {"mu": m["mu"].at[rows].set(mu, mode="drop"),
                                            "nu": m["nu"].at[rows].set(nu, mode="drop")}
-                row_grads[name][leaf] = g
+                row_grads[name][leaf] = jnp.where((rows < n_rows).reshape((-1,) + (1,) * (g.ndim - 1)), g, 0)
         return new_tables, new_moments, row_grads
 
 

@@ -280,6 +280,7 @@ class ELIASStage:
         return {"stage": self.stage, "n_labels": method.n_labels, "n_features": method.n_features,
                 "n_clusters": method.n_clusters, "width": self.width, "hidden": list(m.hidden),
                 "input": m.input, "label_rows": method.n_label_rows,
+                "label_optimizer": "lazy" if self.lazy_labels else "dense",  # the optimizer state's structure
                 **({"vocab_size": method.data.vocab_size, "token_len": method.token_len,
                     "transformer": dict(m.transformer)}
                    if m.input == "text" else {})}
