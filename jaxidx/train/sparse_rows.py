@@ -34,7 +34,8 @@ class RowTable:
 
 def take_rows(table, ids: jax.Array) -> dict:
     """{name: leaf[ids]} of a table: a dict of arrays (plain gather) or a `RowTable` in a lazy step
-    (gathered rows + delta). `ids` must be the array the loss reports for the table (see `RowSparse`)."""
+    (gathered rows + delta). `ids` must match, entry for entry, the ids the loss reports for the table
+    (see `RowSparse`), except where it reports -1 (masked: any row may be gathered there)."""
     if isinstance(table, RowTable):
         return {k: jnp.take(jax.lax.stop_gradient(v), ids, axis=0) + table.deltas[k] for k, v in table.leaves.items()}
     return {k: jnp.take(v, ids, axis=0) for k, v in table.items()}
