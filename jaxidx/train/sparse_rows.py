@@ -112,19 +112,17 @@ def _distinct_rows(ids: jax.Array, n_rows: int) -> tuple[jax.Array, jax.Array]:
     return rows, slot[jnp.searchsorted(ordered, flat)]
 
 
-def lazy_value_and_grad(loss_fn: Callable, opt: RowSparse, params: dict, *args) -> tuple[Any, Any, dict, dict]:
-    """`loss_fn(params, *args) -> (loss, (metrics, ids))` differentiated with its row tables behind
-    `RowTable`s: returns ((loss, metrics), dense grads, ids, deltas' grads). The deltas' shapes come
-    from the ids the loss reports (traced once abstractly)."""
-    dense, tables = opt.split(params)
-    _, (_, id_shapes) = jax.eval_shape(loss_fn, params, *args)
+def lazy_value_and_grad(loss_fn: Callable, dense: dict, tables: dict, *args) -> tuple[Any, Any, dict, dict]:
+    """`loss_fn(params, *args) -> (loss, (metrics, ids))` differentiated with the row `tables` behind
+    `RowTable`s (params = `dense` and `tables`, as `RowSparse.split` gives them): returns
+    ((loss, metrics), dense grads, ids, deltas' grads). The deltas' shapes come from the ids the loss
+    reports (traced once abstractly)."""
+    _, (_, id_shapes) = jax.eval_shape(loss_fn, dict(dense, **tables), *args)
     deltas = {name: {k: jnp.zeros(id_shapes[name].shape + v.shape[1:], v.dtype) for k, v in table.items()}
               for name, table in tables.items()}
 
     def f(dense, deltas):
-        full = dict(dense, **{name: RowTable(tables[name], deltas[name]) for name in tables})
-        loss, (metrics, ids) = loss_fn(full, *args)
-        return loss, (metrics, ids)
+        return loss_fn(dict(dense, **{name: RowTable(tables[name], deltas[name]) for name in tables}), *args)
 
     (loss, (metrics, ids)), (g_dense, g_deltas) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(dense, deltas)
     return (loss, metrics), g_dense, ids, g_deltas

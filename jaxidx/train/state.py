@@ -49,9 +49,9 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation | sparse
         return optax.apply_updates(state.params, updates), opt_state, loss, metrics, grads
 
     def lazy_step(state: TrainState, batch: dict, aux: Any, rng: jax.Array):
-        (loss, metrics), g_dense, ids, g_deltas = sparse_rows.lazy_value_and_grad(
-            loss_fn, tx, state.params, batch, aux, rng)
         dense, tables = tx.split(state.params)
+        (loss, metrics), g_dense, ids, g_deltas = sparse_rows.lazy_value_and_grad(
+            loss_fn, dense, tables, batch, aux, rng)
         updates, dense_opt = tx.dense.update(g_dense, state.opt_state["dense"], dense)
         tables, moments, g_rows = tx.update_rows(state.step, tables, state.opt_state["rows"], ids, g_deltas)
         params = dict(optax.apply_updates(dense, updates), **tables)
