@@ -36,6 +36,9 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
                                             # which teach the ranking of the runner-up buckets; 0 = hard labels
     c.index = ml_collections.ConfigDict()
     c.index.repair_empty = True             # a leaf the networks leave empty takes back its k-means points
+    c.index.pq4_dims = 0                    # > 0: also store 4-bit PQ codes, this many dimensions per sub-space,
+                                            # which search settings with reorder > 0 scan (0 = float rows only)
+    c.index.pq4_residual = True             # codes of x minus its leaf's mean (finer than codes of x)
     c.search.query_batch = 256              # queries per routing block (the re-rank takes lmi.RERANK_QUERIES)
     c.search.settings = [{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
     return c

@@ -100,6 +100,70 @@ def bench_faiss(data, nlist: int, nprobes, threads: int, build_threads: int = 0)
     return rows, {"faiss-ivf-flat": build}, n_bytes
 
 
+def bench_faiss_pqfs(data, nlist: int, nprobes, k_factors, threads: int, build_threads: int = 0):
+    """faiss `IVF{nlist},PQ{M}x4fs,RFlat` (4-bit PQ fast scan over M = ceil(d / 2) sub-spaces of 2 dims, then
+    an exact re-rank of k_factor x 10 candidates) over nprobe x k_factor. Returns (rows, {name: build
+    seconds}, index bytes)."""
+    import faiss
+    from jaxidx.data.types import benchmark_distance
+    faiss.omp_set_num_threads(build_threads or threads)
+    ip = data.kernel_metric == "ip"
+    m = -(-data.dim // 2)
+    name = f"faiss-ivf-pq4fs (nlist {nlist}, PQ{m}x4fs, refine)"
+    t0 = time.perf_counter()
+    index = faiss.index_factory(data.dim, f"IVF{nlist},PQ{m}x4fs,RFlat",
+                                faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    index.train(data.base)
+    index.add(data.base)
+    build = time.perf_counter() - t0
+    faiss.omp_set_num_threads(threads)
+    ivf = faiss.extract_index_ivf(index)
+    rows = []
+    for nprobe in nprobes:
+        ivf.nprobe = nprobe
+        for kf in k_factors:
+            index.k_factor = kf
+            index.search(data.queries, 10)
+            faiss.cvar.indexIVF_stats.reset()
+            (score, ids), sec = timed(lambda: index.search(data.queries, 10), warm=False)
+            ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
+            rows.append(ann_row(name, {"nprobe": nprobe, "k_factor": kf}, ids,
+                                benchmark_distance(-score if ip else score, data.metric), ncand, sec, data))
+    return rows, {name: build}, int(faiss.serialize_index(index).nbytes)
+
+
+def bench_scann(data, n_leaves: int, leaves_to_search, reorders, threads: int):
+    """ScaNN: a k-means tree of `n_leaves` leaves, asymmetric hashing with 2 dimensions per 4-bit block
+    (anisotropic loss, threshold 0.2, for inner products), exact re-rank; swept over leaves searched x
+    reorder. Searched with `search_batched` (the calling thread). Returns (rows, {name: build seconds},
+    None), or ([], {}, None) with a message when scann is not installed."""
+    try:
+        import scann
+    except ImportError:
+        print("ScaNN skipped: `pip install scann` to compare against it")
+        return [], {}, None
+    import numpy as np
+    from jaxidx.data.types import benchmark_distance
+    ip = data.kernel_metric == "ip"
+    name = f"scann (leaves {n_leaves}, AH 2 dims/block, reorder)"
+    t0 = time.perf_counter()
+    builder = scann.scann_ops_pybind.builder(data.base, 10, "dot_product" if ip else "squared_l2").tree(
+        num_leaves=n_leaves, num_leaves_to_search=max(leaves_to_search), training_sample_size=min(data.n_items, 250000))
+    builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2) if ip else builder.score_ah(2)
+    searcher = builder.reorder(max(reorders)).build()
+    build = time.perf_counter() - t0
+    rows = []
+    for leaves in leaves_to_search:
+        for reorder in reorders:
+            def run():
+                return searcher.search_batched(data.queries, final_num_neighbors=10, leaves_to_search=leaves,
+                                               pre_reorder_num_neighbors=reorder)
+            (ids, score), sec = timed(run)
+            rows.append(ann_row(name, {"leaves": leaves, "reorder": reorder}, np.asarray(ids, np.int64),
+                                benchmark_distance(-score if ip else score, data.metric), None, sec, data))
+    return rows, {name: build}, None
+
+
 def bench_hnsw(data, efs, threads: int, build_threads: int):
     """hnswlib (M 16, ef_construction 200; built on `build_threads`, 0 = all usable cores) over an ef sweep
     on `threads`. Returns (rows, {name: build seconds}, index bytes as saved)."""

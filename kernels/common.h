@@ -304,4 +304,12 @@ class TopK {
     RanksFirst before_;
 };
 
+// A query's k nearest (a TopK of distances) into row q of ids / dist [Q, k], padded with -1 / +inf.
+inline void write_nearest(TopK& top, int64_t q, int64_t k, int32_t* ids, float* dist) {
+    top.emit([&](size_t i, const Entry* e) {
+        ids[q * k + i] = e ? e->id() : -1;
+        dist[q * k + i] = e ? e->value : INFINITY;
+    });
+}
+
 }  // namespace jaxidx

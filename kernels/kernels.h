@@ -25,6 +25,12 @@ py::tuple rerank_topk(const py::object& queries, const py::object& base, const p
                       const py::object& cand_ids, const py::object& run_lens, const py::object& k,
                       const py::object& metric, const py::object& n_threads);
 
+py::tuple pq4_search(const py::object& queries, const py::object& base, const py::object& codes,
+                     const py::object& codebooks, const py::object& centres, const py::object& row_offsets,
+                     const py::object& block_offsets, const py::object& leaves, const py::object& lens,
+                     const py::object& reorder, const py::object& k, const py::object& metric,
+                     const py::object& n_threads);
+
 py::array balanced_assign(const py::object& candidates, const py::object& n_buckets, const py::object& order,
                           const py::object& capacity, const py::object& initial_counts, const py::object& n_choices,
                           const py::object& n_threads);

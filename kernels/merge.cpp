@@ -230,15 +230,19 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
             const int32_t* mr = mem + r * M;
             for (int32_t p = o[b]; p < o[b + 1]; ++p) {
                 if (mr[p] < 0 || mr[p] >= n_items) bad_member(r, p, mr[p], n_items);
+                max_member = std::max<int64_t>(max_member, mr[p]);
             }
         }
+        // Per-item scratch covers the ids a query can touch: with n_items, the routed members' (a huge
+        // n_items with few routed items then costs no memory per thread).
+        const int64_t n_scratch = scan_members ? n_items : max_member + 1;
 
-        const size_t max_hits = static_cast<size_t>(std::min<int64_t>(n_items, R * m * max_bucket));
+        const size_t max_hits = static_cast<size_t>(std::min<int64_t>(n_scratch, R * m * max_bucket));
         const int32_t top_count = static_cast<int32_t>(std::min<int64_t>(min_count, R * m));  // hits <= R m
         const AddHitsFn add_hits_fn = weighted ? (agg_max ? add_hits<true, true> : add_hits<true, false>)
                                                : (agg_max ? add_hits<false, true> : add_hits<false, false>);
         const bool byte_counts = candidates_only && top_count <= 255;
-        const int64_t n_words = candidates_only ? (n_items + 63) / 64 : 0;
+        const int64_t n_words = candidates_only ? (n_scratch + 63) / 64 : 0;
         struct Scratch {  // per thread: Slots for scores, else byte counts (Slots above 255) and a bitmap
             ZeroPool<Slot>::Lease slots;
             ZeroPool<uint8_t>::Lease counts;
@@ -252,7 +256,7 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
         };
         std::vector<std::unique_ptr<Scratch>> scratch;
         for (int t = 0; t < threads; ++t) {
-            scratch.emplace_back(new Scratch(static_cast<size_t>(n_items), byte_counts, static_cast<size_t>(n_words)));
+            scratch.emplace_back(new Scratch(static_cast<size_t>(n_scratch), byte_counts, static_cast<size_t>(n_words)));
             if (rerank) {
                 scratch.back()->scanner.reset(new IdScanner(rerank->metric, rerank->d));
                 scratch.back()->nearest.reserve(static_cast<size_t>(std::min<int64_t>(k, max_hits)));
@@ -312,10 +316,7 @@ py::tuple merge_core(const py::object& bucket_ids_o, const py::object& bucket_sc
                     s.scanner->scan(rerank->queries + q * rerank->d, rerank->base, part.data(),
                                     static_cast<int64_t>(part.size()), s.nearest);
                     part.clear();
-                    s.nearest.emit([&](size_t i, const Entry* e) {
-                        out_ids[q * k + i] = e ? e->id() : -1;
-                        out_scores[q * k + i] = e ? e->value : INFINITY;
-                    });
+                    write_nearest(s.nearest, q, k, out_ids, out_scores);
                     continue;
                 }
                 const int64_t n_touched = add_hits_fn(slots, s.touched.data(), s.routed.data(), n_routed);

@@ -3,7 +3,7 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(_kernels, m) {
-    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank (also fused with the merge), row top-k, balanced assignment";
+    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank (also fused with the merge), 4-bit PQ fast scan with exact re-rank, row top-k, balanced assignment";
     m.def("merge_candidates", &jaxidx::merge_candidates, py::arg("bucket_ids"), py::arg("offsets"),
           py::arg("members"), py::arg("min_count"), py::arg("min_candidates"), py::arg("n_items"),
           py::arg("n_threads"));
@@ -16,6 +16,10 @@ PYBIND11_MODULE(_kernels, m) {
     m.def("topk_rows", &jaxidx::topk_rows, py::arg("x"), py::arg("k"), py::arg("n_threads"));
     m.def("rerank_topk", &jaxidx::rerank_topk, py::arg("queries"), py::arg("base"), py::arg("cand_offsets"),
           py::arg("cand_ids"), py::arg("run_lens"), py::arg("k"), py::arg("metric"), py::arg("n_threads"));
+    m.def("pq4_search", &jaxidx::pq4_search, py::arg("queries"), py::arg("base"), py::arg("codes"),
+          py::arg("codebooks"), py::arg("centres"), py::arg("row_offsets"), py::arg("block_offsets"),
+          py::arg("leaves"), py::arg("lens"), py::arg("reorder"), py::arg("k"), py::arg("metric"),
+          py::arg("n_threads"));
     m.def("balanced_assign", &jaxidx::balanced_assign, py::arg("candidates"), py::arg("n_buckets"),
           py::arg("order"), py::arg("capacity"), py::arg("initial_counts"), py::arg("n_choices"),
           py::arg("n_threads"));

@@ -335,12 +335,6 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
         }
         const RowScanFn scan_rows = pick_row_scan(metric);
         const int64_t dpad = (d + 7) / 8 * 8;
-        auto emit = [&](int64_t q, TopK& top) {
-            top.emit([&](size_t i, const Entry* e) {
-                out_ids[q * k + i] = e ? e->id() : -1;
-                out_dist[q * k + i] = e ? e->value : INFINITY;
-            });
-        };
         if (runs) {
             const int64_t tile = std::max<int64_t>(8, kTileBytes / (d * static_cast<int64_t>(sizeof(float))));
             parallel_for(Q, threads, (Q + threads - 1) / threads, [&](int, int64_t q0, int64_t q1) {
@@ -392,7 +386,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                         }
                     }
                 }
-                for (int64_t i = 0; i < nq; ++i) emit(q0 + i, tops[i]);
+                for (int64_t i = 0; i < nq; ++i) write_nearest(tops[i], q0 + i, k, out_ids, out_dist);
             });
         } else {  // ids: each query's candidates deduplicated, then scanned
             struct Scratch {
@@ -426,7 +420,7 @@ py::tuple rerank_topk(const py::object& queries_o, const py::object& base_o, con
                     s.top.reset(static_cast<size_t>(k));
                     s.scanner.scan(qs + q * d, base, s.unique.data(), static_cast<int64_t>(s.unique.size()), s.top);
                     out_nuniq[q] = static_cast<int32_t>(s.unique.size());
-                    emit(q, s.top);
+                    write_nearest(s.top, q, k, out_ids, out_dist);
                 }
             });
         }

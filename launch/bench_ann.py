@@ -1,5 +1,6 @@
 """ANN benchmark: a trained jaxidx index against faiss IVF-Flat (nlist = the index's
-bucket count), hnswlib and brute force, on the same base and queries, in one run.
+bucket count), hnswlib and brute force, and optionally faiss IVF-PQ4 fast scan and ScaNN
+(same bucket count), on the same base and queries, in one run.
 
     python launch/bench_ann.py --workdir=runs/irli-glove [--workdir=runs/lmi-glove] --threads=1
     python launch/bench_ann.py --suite --threads=1 --out=benchmarks/bench_ann_suite.json
@@ -36,6 +37,14 @@ flags.DEFINE_integer("threads", 1, "Cores for every method's search (the process
 flags.DEFINE_list("nprobe", [str(p) for p in probe_sweep(4096)], "faiss IVF-Flat nprobe sweep (those <= nlist).")
 flags.DEFINE_list("ef", "10,20,40,80,160,320", "hnswlib ef sweep.")
 flags.DEFINE_bool("hnsw", True, "Include hnswlib (its build is the slowest part).")
+flags.DEFINE_bool("pqfs", False, "Include faiss IVF{B},PQ{d/2}x4fs,RFlat (4-bit fast scan + exact refine).")
+flags.DEFINE_list("k_factor", "2,5,10,20,40", "faiss IVF-PQ4fs refine sweep (candidates re-ranked / 10).")
+flags.DEFINE_bool("scann", False, "Include ScaNN (tree of B leaves, AH 2 dims/block, reorder); skipped with a "
+                  "message when `scann` is not installed.")
+flags.DEFINE_list("reorder", "20,50,100,200,400", "ScaNN reorder sweep.")
+flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives an LMI index 4-bit PQ codes of this "
+                  "many dims per sub-space (LMIIndex.quantize) before searching, for settings with reorder; 0 = as "
+                  "trained. The same --workdir may be given twice with two values.")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
 flags.DEFINE_string("out", "out/bench_ann.json", "JSON result path; the plot goes beside it (.png).")
 flags.DEFINE_bool("suite", False, "Run every ANN method's auto preset on the robustness suite "
@@ -58,13 +67,19 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         if i < len(settings):
             overrides["search.settings"] = json.loads(settings[i])
         apply_overrides(index.config, overrides)
+        dims = int(FLAGS.quantize[i]) if i < len(FLAGS.quantize) else 0
+        if dims and index.method != "lmi":
+            raise ValueError(f"--quantize: only LMI indexes hold PQ codes; {wd} is {index.method}")
+        if dims:
+            index.quantize(dims)
         data_i = load(data_spec or index.config.data)
         if data_i.fingerprint() != index.info["data_fingerprint"]:
             raise ValueError(f"--workdir {wd}: trained on other data than {data_spec or index.config.data}")
         data = data_i
         n_buckets = index.stats()["n_buckets"]
         nlist = nlist or n_buckets
-        name = f"{index.method} (B {n_buckets}" + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")")
+        name = (f"{index.method} (B {n_buckets}" + (f", pq4 {dims} dims/sub-space" if dims else "")
+                + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")"))
         builds[name] = float(index.info.get("train_seconds", 0.0))
         for r in evaluate(index, data, index.config.search.settings, 10, warm=True):
             setting = {k: v for k, v in r.items() if k not in
@@ -76,9 +91,16 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
 
 
 def peer_rows(data, nlist: int):
-    """faiss IVF-Flat (nlist lists) and brute force, and hnswlib unless --nohnsw."""
-    rows, builds, _ = bench.bench_faiss(data, nlist, [int(x) for x in FLAGS.nprobe if int(x) <= nlist],
-                                        FLAGS.threads)
+    """faiss IVF-Flat (nlist lists) and brute force, hnswlib unless --nohnsw, faiss IVF-PQ4fs with --pqfs and
+    ScaNN with --scann (nlist leaves)."""
+    nprobes = [int(x) for x in FLAGS.nprobe if int(x) <= nlist]
+    rows, builds, _ = bench.bench_faiss(data, nlist, nprobes, FLAGS.threads)
+    if FLAGS.pqfs:
+        prows, pb, _ = bench.bench_faiss_pqfs(data, nlist, nprobes, [int(x) for x in FLAGS.k_factor], FLAGS.threads)
+        rows, builds = rows + prows, {**builds, **pb}
+    if FLAGS.scann:
+        srows, sb, _ = bench.bench_scann(data, nlist, nprobes, [int(x) for x in FLAGS.reorder], FLAGS.threads)
+        rows, builds = rows + srows, {**builds, **sb}
     if FLAGS.hnsw:
         hrows, hb, _ = bench.bench_hnsw(data, [int(x) for x in FLAGS.ef], FLAGS.threads, FLAGS.hnsw_build_threads)
         rows, builds = rows + hrows, {**builds, **hb}
@@ -112,25 +134,29 @@ def train_suite_run(method: str, spec: str) -> str:
 def suite_summary(rows: list[dict], data_name: str, builds: dict, key: str = "recall@10_distance") -> list[dict]:
     """Per method: fewest candidates and most queries/s at recall@10 0.90 and 0.95 (by distance, as
     ann-benchmarks counts it, so exact ties on binary data do not hide a correct answer; `key` picks the
-    id-based recall instead), and their ratio to faiss IVF-Flat's (candidates: lower is better)."""
-    out, ivf = [], {}
+    id-based recall instead), and their ratio to faiss IVF-Flat's (candidates: lower is better) and, where
+    ScaNN ran, queries/s to ScaNN's."""
+    out = []
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for target in (0.90, 0.95):
-        ivf[target] = next((bench.best_at(rows, m, target, key) for m in methods if m.startswith("faiss-ivf")), {})
+    refs = {name: {t: next((bench.best_at(rows, m, t, key) for m in methods if m.startswith(prefix)), {})
+                   for t in (0.90, 0.95)} for name, prefix in (("ivf", "faiss-ivf-flat"), ("scann", "scann"))}
     for m in methods:
         entry = {"data": data_name, "method": m, "build_s": builds.get(m, builds.get(m.split(" ")[0]))}
         for target in (0.90, 0.95):
-            b, ref = bench.best_at(rows, m, target, key), ivf[target]
+            b = bench.best_at(rows, m, target, key)
             tag = f"{target:.2f}"
             if not b["reaches"]:
                 entry[f"cand@{tag}"] = entry[f"qps@{tag}"] = "not reached"
                 continue
             entry[f"cand@{tag}"] = b["min_candidates"]
             entry[f"qps@{tag}"] = round(b["max_queries_per_second"])
-            if ref.get("reaches") and b["min_candidates"]:
-                entry[f"cand_vs_ivf@{tag}"] = round(b["min_candidates"] / ref["min_candidates"], 3)
-            if ref.get("reaches"):
-                entry[f"qps_vs_ivf@{tag}"] = round(b["max_queries_per_second"] / ref["max_queries_per_second"], 3)
+            ivf = refs["ivf"][target]
+            if ivf.get("reaches") and b["min_candidates"]:
+                entry[f"cand_vs_ivf@{tag}"] = round(b["min_candidates"] / ivf["min_candidates"], 3)
+            for name, ref in refs.items():
+                if ref[target].get("reaches"):
+                    entry[f"qps_vs_{name}@{tag}"] = round(b["max_queries_per_second"]
+                                                          / ref[target]["max_queries_per_second"], 3)
         out.append(entry)
     return out
 
@@ -177,16 +203,16 @@ def main(argv):
     prows, pbuilds = peer_rows(data, nlist)
     rows += prows
     builds.update(pbuilds)
-    summary = [bench.best_at(rows, m, 0.90) for m in dict.fromkeys(r["method"] for r in rows)]
+    summary = suite_summary(rows, data.name, builds, key="recall@10")
     out = {"machine": bench.machine(), "command": bench.command(), "data": data.name, "threads": FLAGS.threads,
-           "n_queries": int(len(data.queries)), "build_seconds": builds, "rows": rows, "at_recall_0.90": summary}
+           "n_queries": int(len(data.queries)), "build_seconds": builds, "rows": rows, "summary": summary}
     bench.write_json(FLAGS.out, out)
     bench.plot_ann_curves(rows, FLAGS.out.rsplit(".", 1)[0] + ".png", f"{data.name}, {FLAGS.threads} thread(s)")
     flat = [{"method": r["method"], **r["setting"], **{k: r[k] for k in r if k not in ("method", "setting")}}
             for r in rows]
     print(out["machine"])
     print(format_results(flat))
-    print("\nat recall@10 >= 0.90:")
+    print("\nbest at recall@10 >= 0.90 and 0.95 (ratios: queries/s to IVF-Flat's and ScaNN's):")
     print(format_results(summary))
     print("build seconds:", {k: round(v, 1) for k, v in builds.items()})
 

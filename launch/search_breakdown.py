@@ -3,6 +3,12 @@ rest (Python, id mapping), timed apart on a saved index, best of 5 warm passes o
 
     python3 launch/search_breakdown.py --index=runs/suite/<run>-lmi --data=<spec> --setting='{"n_probe": 1}'
     python3 launch/search_breakdown.py --index=runs/suite/<run>-irli --data=<spec> --setting='{"m": 16, "min_count": 2}'
+    python3 launch/search_breakdown.py --index=runs/suite/<run>-lmi --data=<spec> --quantize=2 \
+        --setting='{"n_probe": 24, "route": "centroids", "reorder": 100}'
+
+An LMI setting with `reorder` times the 4-bit PQ kernel twice: at its reorder and at reorder 10, whose
+difference is what re-ranking `reorder` candidates costs (the reservoir of the best and their exact
+distances) over the fast scan itself.
 
 IRLI's kernel is timed fused (`merge_rerank_topk`, what search runs) and as its two halves
 (`merge_candidates`, then `rerank_topk` on the candidate lists), to show what the fusion saves.
@@ -26,6 +32,7 @@ flags.DEFINE_string("index", None, "A saved LMI or IRLI index or training run di
 flags.DEFINE_string("data", None, "The data spec whose queries are searched.", required=True)
 flags.DEFINE_string("setting", '{"n_probe": 1}', "The search setting, JSON (LMI: n_probe; IRLI: m, min_count).")
 flags.DEFINE_integer("threads", 1, "Cores used (pinned before JAX starts).")
+flags.DEFINE_integer("quantize", 0, "> 0: give the LMI index 4-bit PQ codes of this many dims per sub-space first.")
 FLAGS = flags.FLAGS
 
 
@@ -36,17 +43,30 @@ def us_per_query(fn, n: int, repeats: int = 5) -> float:
 
 
 def lmi_parts(index, prepared, setting: dict):
-    """(timed parts, the kernel's name, candidates per query) of an LMI search."""
-    p = setting["n_probe"]
-    leaves = index._leaves(prepared, p)
-    cand = candidate_runs(index.arrays["offsets"][0], leaves, select_leaves(index.sizes(), leaves))
-    vectors, metric, n = index.arrays["vectors"], kernel_metric(index.metric), len(prepared)
+    """(timed parts, the parts search runs, candidates per query) of an LMI search."""
+    p, route, reorder = setting["n_probe"], setting.get("route", "learned"), setting.get("reorder", 0)
+    leaves = index._leaves(prepared, p, route)
+    lens = select_leaves(index.sizes(), leaves, setting.get("max_candidates", 0))
+    offsets, vectors = index.arrays["offsets"][0], index.arrays["vectors"]
+    cand = candidate_runs(offsets, leaves, lens)
+    metric, n = kernel_metric(index.metric), len(prepared)
     parts = {
         "routing (learned)": us_per_query(lambda: index._leaves(prepared, p), n),
         "routing (centroids)": us_per_query(lambda: index._leaves(prepared, p, "centroids"), n),
         "re-rank kernel": us_per_query(lambda: host.rerank_topk(prepared, vectors, cand, 10, metric, 1), n),
     }
-    return parts, ("routing (learned)", "re-rank kernel"), cand[2].sum() / n
+    kernel = "re-rank kernel"
+    if reorder:
+        codes, block_offsets = index.pq4_blocks()
+        a = index.arrays
+
+        def pq4(r):
+            return lambda: host.pq4_search(prepared, vectors, codes, a["pq4_codebooks"], a.get("pq4_centres"),
+                                           offsets, block_offsets, leaves, lens.astype("int32"), r, 10, metric, 1)
+        kernel = f"pq4 kernel (reorder {reorder})"
+        parts[kernel] = us_per_query(pq4(reorder), n)
+        parts["pq4 kernel (reorder 10)"] = us_per_query(pq4(10), n)
+    return parts, (f"routing ({route})", kernel), cand[2].sum() / n
 
 
 def irli_parts(index, prepared, setting: dict):
@@ -68,6 +88,8 @@ def irli_parts(index, prepared, setting: dict):
 
 def main(_):
     index, data = jaxidx.load(FLAGS.index), load(FLAGS.data)
+    if FLAGS.quantize:
+        index.quantize(FLAGS.quantize)
     setting, q = json.loads(FLAGS.setting), data.queries
     prepared = index._prepare(q)
     parts_of = {"lmi": lmi_parts, "irli": irli_parts}[index.method]

@@ -363,6 +363,27 @@ def test_n_items_default_and_bound():
             b.merge_topk(BUCKET_IDS, BUCKET_SCORES, OFFSETS, negative, WEIGHTS, 3)
 
 
+def test_huge_n_items_costs_no_scratch():
+    """n_items = 2^31 (the largest valid) over a few routed items: the per-thread scratch spans the routed
+    ids, not n_items, so the merges run in a 4 GiB address space (they used to raise MemoryError)."""
+    code = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+import numpy as np
+from jaxidx.search import host, reference
+b = np.zeros((2, 2, 2), np.int32)
+off = np.array([[0, 2, 4, 7], [0, 2, 4, 7]], np.int32)
+mem = np.arange(14, dtype=np.int32).reshape(2, 7) % 5
+for got, want in zip(host.merge_candidates(b, off, mem, 1, 2, 2**31, 0),
+                     reference.merge_candidates(b, off, mem, 1, 2, 2**31)):
+    assert got.tobytes() == want.tobytes()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_scratch_kept_across_calls_stays_clean():
     """Per-item scratch outlives a call (and a call that fails part-way drops its own): calls of
     growing and shrinking size, with failing calls between them, all equal the reference."""

@@ -23,6 +23,10 @@ until `n_probe` leaves are visited or `max_candidates` are gathered, then
 re-ranks the candidates exactly (inner product for angular data) with
 `rerank_topk`. Base vectors are stored contiguous per leaf, so a probe is a
 contiguous scan, passed to the kernel as a run of rows; results are original ids.
+A quantized index (`LMIIndex.quantize`, or `index.pq4_dims` in the config) also
+holds 4-bit PQ codes of its rows (`jaxidx.pq4`); the setting `reorder` > 0 then
+scores the probed leaves from the codes (`pq4_search`, fast scan) and re-ranks
+only the `reorder` best exactly.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import scipy.sparse
 from jax.sharding import PartitionSpec as P
 
 from jaxidx import kmeans as km
+from jaxidx import pq4
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData
 from jaxidx.data.ann import normalize_rows
@@ -187,12 +192,17 @@ def validate_config(config, data) -> None:
         raise ValueError(f"train.target_temperature: must be >= 0 (0 = hard labels), got {t.target_temperature}")
     if t.node_batch_size < 0:
         raise ValueError(f"train.node_batch_size: must be >= 0 (0 = auto), got {t.node_batch_size}")
+    pq4_dims = config.index.get("pq4_dims", 0)  # absent from configs saved before PQ codes existed
+    if pq4_dims < 0:
+        raise ValueError(f"index.pq4_dims: must be >= 0 (0 = no PQ codes), got {pq4_dims}")
     n_leaves = math.prod(levels)
     for s in config.search.settings:
         if not 1 <= s.get("n_probe", 0) <= n_leaves:
             raise ValueError(f"search.settings: n_probe={s.get('n_probe')} must be in [1, {n_leaves} leaves]")
         if s.get("max_candidates", 0) < 0:
             raise ValueError(f"search.settings: max_candidates={s['max_candidates']} must be >= 0 (0 = no budget)")
+        if s.get("reorder", 0) and not pq4_dims:
+            raise ValueError(f"search.settings: reorder={s['reorder']} scans PQ codes; set index.pq4_dims > 0")
 
 
 class LMI:
@@ -370,7 +380,7 @@ class LMIIndex(Index):
     """
 
     method, task = "lmi", "ann"
-    setting_keys = ("n_probe", "max_candidates", "route")
+    setting_keys = ("n_probe", "max_candidates", "route", "reorder")
     ROUTES = ("learned", "centroids")
 
     def __init__(self, config, params, arrays, info):
@@ -380,6 +390,7 @@ class LMIIndex(Index):
         self._logp = partial(leaf_log_probs_of, tuple(self.models))
         self.params = jax.device_put(self.params)
         self._centroids = None  # leaf means, for route="centroids" (computed on first use)
+        self._blocks = None     # the PQ codes in the fast-scan kernel's block layout (built on first use)
 
     @classmethod
     def from_training(cls, config, params, aux, vectors: np.ndarray, info: dict) -> "LMIIndex":
@@ -400,7 +411,30 @@ class LMIIndex(Index):
         n = len(vectors)
         index = cls(config, params, arrays, dict(info, dim=vectors.shape[1], n_items=n, next_id=n))
         log.info("LMI bucket sizes over %d leaves: %s", n_leaves, index.leaf_stats())
+        if config.index.get("pq4_dims", 0):
+            index.quantize(config.index.pq4_dims, config.index.pq4_residual, seed=config.seed)
         return index
+
+    @property
+    def quantized(self) -> bool:
+        return "pq4_codes" in self.arrays
+
+    def quantize(self, dims: int = 2, residual: bool = True, sample: int = 65536, seed: int = 0) -> "LMIIndex":
+        """Add 4-bit PQ codes of every row (`jaxidx.pq4`: `dims` dimensions per sub-space, 16 centroids
+        each, trained on a seeded sample of `sample` rows; residual = codes of x minus its leaf's mean),
+        which the setting `reorder` > 0 searches. Returns the index; `save` keeps the codes."""
+        if not is_int(dims) or dims < 1:
+            raise ValueError(f"quantize: dims={dims!r} must be an integer >= 1 (dimensions per sub-space)")
+        offsets, x = self.arrays["offsets"][0], self.arrays["vectors"]
+        centres = pq4.leaf_means(x, offsets) if residual else None
+        r = x - np.repeat(centres, self.sizes(), axis=0) if residual else x
+        codebooks = pq4.train_codebooks(r, dims, sample=sample, seed=seed)
+        self.arrays.update(pq4_codebooks=codebooks, pq4_codes=pq4.pack_rows(pq4.encode(r, codebooks)))
+        self.arrays.pop("pq4_centres", None)
+        if residual:
+            self.arrays["pq4_centres"] = centres
+        self._blocks = None
+        return self
 
     def sizes(self) -> np.ndarray:
         return np.diff(self.arrays["offsets"][0])
@@ -417,6 +451,15 @@ class LMIIndex(Index):
             raise ValueError(f"search: max_candidates={budget!r} must be an integer >= 0 (0 = no budget)")
         if setting.get("route", "learned") not in self.ROUTES:
             raise ValueError(f"search: route={setting['route']!r} must be one of {', '.join(self.ROUTES)}")
+        reorder = setting.get("reorder", 0)
+        if not is_int(reorder) or reorder < 0:
+            raise ValueError(f"search: reorder={reorder!r} must be an integer >= 0 (0 = scan the float rows)")
+        if reorder and not self.quantized:
+            raise ValueError("search: reorder > 0 scores candidates from PQ codes, which this index does not hold: "
+                             "call index.quantize() (or train with --config.index.pq4_dims=2)")
+        if reorder and setting.get("backend", "host") != "host":
+            raise ValueError("search: reorder > 0 (PQ codes) runs on backend='host' only; the device backend "
+                             "scans float rows (reorder=0)")
 
     def _prepare(self, queries, what: str = "queries") -> np.ndarray:
         x = dense_rows(queries, self.dim, what)
@@ -461,16 +504,31 @@ class LMIIndex(Index):
         sizes, offsets = self.sizes(), self.arrays["offsets"][0]
         metric, ids_of = kernel_metric(self.metric), self.arrays["ids"]
         leaves = self._leaves(queries, setting["n_probe"], setting.get("route", "learned"))
+        reorder, threads = setting.get("reorder", 0), self.config.search.n_threads
+        if reorder and reorder < k:
+            raise ValueError(f"search: reorder={reorder} must be at least k={k} (the candidates re-ranked exactly)")
         ids, dist, n_cand = [], [], []
         for s in range(0, len(queries), RERANK_QUERIES):
-            lv = leaves[s:s + RERANK_QUERIES]
-            cand = candidate_runs(offsets, lv, select_leaves(sizes, lv, setting.get("max_candidates", 0)))
-            rows, d, n = kernels.rerank_topk(queries[s:s + RERANK_QUERIES], self.arrays["vectors"], cand, k, metric,
-                                             self.config.search.n_threads)
+            lv, q = leaves[s:s + RERANK_QUERIES], queries[s:s + RERANK_QUERIES]
+            lens = select_leaves(sizes, lv, setting.get("max_candidates", 0))
+            if reorder:
+                codes, block_offsets = self.pq4_blocks()
+                rows, d, n = kernels.pq4_search(q, self.arrays["vectors"], codes, self.arrays["pq4_codebooks"],
+                                                self.arrays.get("pq4_centres"), offsets, block_offsets, lv,
+                                                lens.astype(np.int32), reorder, k, metric, threads)
+            else:
+                rows, d, n = kernels.rerank_topk(q, self.arrays["vectors"], candidate_runs(offsets, lv, lens), k,
+                                                 metric, threads)
             ids.append(np.where(rows >= 0, ids_of[np.maximum(rows, 0)], -1))
             dist.append(d)
             n_cand.append(n)
         return SearchResult(ids=np.concatenate(ids), scores=np.concatenate(dist), n_candidates=np.concatenate(n_cand))
+
+    def pq4_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """The PQ codes in the fast-scan kernel's layout (`pq4.block_layout`), built once per change."""
+        if self._blocks is None:
+            self._blocks = pq4.block_layout(self.arrays["pq4_codes"], self.arrays["offsets"][0])
+        return self._blocks
 
     # --- device backend -------------------------------------------------------------------------
     def shard(self, mesh=None) -> "LMIIndex":
@@ -511,6 +569,11 @@ class LMIIndex(Index):
         offsets = self.arrays["offsets"][0]
         order = np.argsort(leaf, kind="stable")
         at = offsets[leaf[order] + 1]  # each goes after its leaf's last row, in id order
+        if self.quantized:  # codes of the new rows with the index's codebooks (and leaf centres)
+            centres = self.arrays.get("pq4_centres")
+            r = x[order] - centres[leaf[order]] if centres is not None else x[order]
+            codes = pq4.pack_rows(pq4.encode(r, self.arrays["pq4_codebooks"]))
+            self.arrays["pq4_codes"] = np.insert(self.arrays["pq4_codes"], at, codes, axis=0)
         self.arrays["vectors"] = np.ascontiguousarray(np.insert(self.arrays["vectors"], at, x[order], axis=0))
         self.arrays["ids"] = np.insert(self.arrays["ids"], at, new_ids[order])
         self.arrays["offsets"] = _offsets_of(self.sizes() + np.bincount(leaf, minlength=self.n_leaves))
@@ -527,14 +590,17 @@ class LMIIndex(Index):
         row_leaf = np.repeat(np.arange(self.n_leaves), self.sizes())
         self.arrays["vectors"] = np.ascontiguousarray(self.arrays["vectors"][keep])
         self.arrays["ids"] = self.arrays["ids"][keep]
+        if self.quantized:
+            self.arrays["pq4_codes"] = np.ascontiguousarray(self.arrays["pq4_codes"][keep])
         self.arrays["offsets"] = _offsets_of(np.bincount(row_leaf[keep], minlength=self.n_leaves))
         self.info["n_items"] = len(self.arrays["ids"])
         self._drop_device_state()
 
     def _drop_device_state(self) -> None:
         """After add / remove: the leaf means are recomputed, and a sharded layout rebuilds the shards
-        whose items changed."""
+        whose items changed; the PQ blocks are rebuilt on next use (the codebooks and centres stay)."""
         self._centroids = None
+        self._blocks = None
         if self._sharded is not None:
             self._sharded.update(self.arrays["offsets"][0], self.arrays["vectors"], self.arrays["ids"])
             self._sharded_params = {}

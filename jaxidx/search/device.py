@@ -22,7 +22,7 @@ import numpy as np
 from jaxidx.search.reference import check_options
 
 __all__ = ["merge_topk", "rerank_topk", "topk_rows", "max_bucket_size_of", "csr_to_padded", "lane_sum",
-           "distances", "top_k"]
+           "distances", "top_k", "pq4_table", "pq4_values"]
 
 _NOT_CANDIDATE = np.iinfo(np.int32).min  # rank keys: below NaN, which is below every number
 _NAN = _NOT_CANDIDATE + 1
@@ -210,3 +210,43 @@ def _topk_rows(x, *, k):
     col = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape)
     idx, vals = _take_top(_rank_key(x, True), k, [(col, -1), (x, -jnp.inf)])
     return idx, vals
+
+
+def _sequential_sum(x):
+    """float32 sums over the last axis in index order (reference._seq_sum; jnp.sum may reassociate)."""
+    return jax.lax.fori_loop(0, x.shape[-1], lambda i, acc: acc + x[..., i], jnp.zeros(x.shape[:-1], x.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("metric",))
+def pq4_table(queries, codebooks, metric, centres=None):
+    """reference.pq4_table for a batch: queries [Q, d] (and one centre per query [Q, d] for l2 residual
+    codes) -> (table int32 [Q, M, 16], scale [Q], bias [Q]). The same bits as the reference and the C++
+    kernel where the table's sums round nothing (exactly representable inputs); elsewhere XLA may fuse a
+    product and its sum into one multiply-add (one rounding instead of two), a last-bit difference."""
+    m, _, dsub = codebooks.shape
+    q, d = queries.shape
+    t = queries - centres if metric == "l2" and centres is not None else queries
+    t = jnp.pad(t, ((0, 0), (0, m * dsub - d))).reshape(q, m, 1, dsub)
+    acc = jnp.zeros((q, m, 16), jnp.float32)
+    for i in range(dsub):
+        term = t[..., i] - codebooks[None, :, :, i] if metric == "l2" else t[..., i] * codebooks[None, :, :, i]
+        acc = acc + (term * term if metric == "l2" else term)
+    lut = acc if metric == "l2" else -acc
+    lo = lut.min(-1)
+    ranges = lut.max(-1) - lo
+    max_range = ranges.max(-1)
+    scale = jnp.where(max_range > 0, jnp.minimum(jnp.float32(255) / max_range,
+                                                 (jnp.float32(65535) - jnp.float32(m)) / _sequential_sum(ranges)),
+                      jnp.float32(1))
+    table = jnp.minimum(jnp.float32(255), jnp.round((lut - lo[..., None]) * scale[:, None, None]))
+    return table.astype(jnp.int32), scale, _sequential_sum(lo)
+
+
+@jax.jit
+def pq4_values(table, scale, bias, codes):
+    """The quantized scores of rows with codes [C, M] (0..15), a lookup-table gather: (sums int32 [Q, C] of
+    their table entries, exactly the kernel's; values float32(sum) / scale + bias, which XLA may compute
+    with a reciprocal, so to rounding)."""
+    m = codes.shape[1]
+    sums = table[:, jnp.arange(m)[None, :], codes.astype(jnp.int32)].sum(-1)  # [Q, C]
+    return sums, sums.astype(jnp.float32) / scale[:, None] + bias[:, None]

@@ -13,14 +13,16 @@ Per-item scratch (one slot per item and thread) is kept across calls, up to
 1 GiB per kernel, so a single query does not pay for zeroing O(items) memory.
 Pass `n_items` to the merges: members are then checked only where a query reads
 them, and a call's cost does not grow with the partition's size; without it,
-every member is scanned for the largest id.
+every member is scanned for the largest id. The scratch spans the ids the routed
+buckets hold, so an `n_items` far above them costs no memory.
 """
 try:
     from jaxidx import _kernels
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError("jaxidx._kernels is not built; run `python3 setup.py build_ext --inplace`") from e
 
-__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "topk_rows", "balanced_assign"]
+__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "pq4_search", "topk_rows",
+           "balanced_assign"]
 
 
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
@@ -54,6 +56,14 @@ def merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count=
     """merge_candidates then rerank_topk in one pass per query (the candidates stay in cache):
     (ids, dist, n_candidates). See reference.merge_rerank_topk."""
     return _kernels.merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count, metric, n_threads)
+
+
+def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens, reorder, k,
+               metric="ip", n_threads=0):
+    """Probed leaves scored from 4-bit PQ codes (fast scan: AVX2 byte shuffles when the CPU has them),
+    the `reorder` best re-ranked exactly: (rows, dist, n_candidates). See reference.pq4_search."""
+    return _kernels.pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens,
+                               reorder, k, metric, n_threads)
 
 
 def topk_rows(x, k, n_threads=0):

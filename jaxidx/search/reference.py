@@ -17,7 +17,8 @@ return; they are written for clarity, not speed. The rules they pin down:
 """
 import numpy as np
 
-__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "lane_sum", "distances"]
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "lane_sum", "distances", "pq4_search",
+           "pq4_table"]
 
 _METRICS = ("ip", "cosine", "l2")
 
@@ -317,6 +318,108 @@ def merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count=
     cand = merge_candidates(bucket_ids, offsets, members, min_count, k, base.shape[0], n_threads)
     ids, dist, _ = rerank_topk(queries, base, cand[:2], k, metric, n_threads)
     return ids, dist, cand[2]
+
+
+def _seq_sum(x):
+    """float32 sum of a 1-d array in index order (the kernel's running sum)."""
+    return np.cumsum(np.asarray(x, np.float32), dtype=np.float32)[-1] if len(x) else np.float32(0)
+
+
+def pq4_table(query, codebooks, metric, centre=None):
+    """One query's quantized table: (bytes [M, 16] int64, scale, bias) float32 scalars.
+
+    The float table lut[m, j] sums the sub-space's terms in dimension order, float32 (query and
+    centre zero past d): l2 ((q - centre) - c)^2 (q - c without a centre), ip and cosine -(q . c).
+    Each row is shifted by its minimum and scaled by one scale = min(255 / largest row range,
+    (65535 - M) / sum of row ranges), rounded half to even and capped at 255, so a sum over the M
+    sub-spaces stays below 2^16; a row's value is then float32(sum) / scale + bias with bias the sum
+    of the minima (both sums in sub-space order)."""
+    m, _, dsub = codebooks.shape
+    q = np.zeros(m * dsub, np.float32)
+    q[:len(query)] = query
+    if metric == "l2" and centre is not None:
+        q[:len(query)] = query - centre
+    q = q.reshape(m, 1, dsub)
+    acc = np.zeros((m, 16), np.float32)
+    for i in range(dsub):
+        term = q[:, :, i] - codebooks[:, :, i] if metric == "l2" else q[:, :, i] * codebooks[:, :, i]
+        acc = acc + (term * term if metric == "l2" else term)
+    lut = acc if metric == "l2" else -acc
+    lo = lut.min(1)
+    ranges = lut.max(1) - lo
+    max_range = ranges.max()
+    scale = (min(np.float32(255) / max_range, (np.float32(65535) - np.float32(m)) / _seq_sum(ranges))
+             if max_range > 0 else np.float32(1))
+    table = np.minimum(np.float32(255), np.rint((lut - lo[:, None]) * scale)).astype(np.int64)
+    return table, np.float32(scale), _seq_sum(lo)
+
+
+def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens, reorder, k,
+               metric="ip", n_threads=0):
+    """Probed leaves scored from 4-bit PQ codes, the best `reorder` re-ranked exactly.
+
+    base float32 [N, d] in leaf layout (leaf b: rows row_offsets[b]:row_offsets[b+1], int32 [L+1]);
+    codes uint8 [n_blocks, ceil(M/2), 32] (`jaxidx.pq4.block_layout`: leaf b in blocks
+    block_offsets[b]:block_offsets[b+1], ceil(rows / 32) of them; block j, pair p, byte v holds
+    row 32 j + v's codes of sub-spaces 2p (low nibble) and 2p + 1); codebooks float32 [M, 16, dsub];
+    centres float32 [L, d] (residual codes) or None; leaves int32 [Q, P] (-1 = none, no leaf twice per
+    query) and lens int32 [Q, P] (the first lens rows of each probed leaf are its candidates; 0 where
+    -1). A candidate's approximate value is float32(sum over sub-spaces of its table bytes) / scale +
+    bias (`pq4_table`; the table is per leaf for l2 with centres, and for ip / cosine with centres the
+    bias also has -(q . centre) summed in dimension order). The `reorder` candidates of smallest
+    (value, row) go to `rerank_topk`'s exact distance; reorder >= k. Returns (rows [Q, k], dist
+    [Q, k], n_candidates [Q]). n_threads is unused."""
+    for a, name, dt, nd in ((queries, "queries", np.float32, 2), (base, "base", np.float32, 2),
+                            (codes, "codes", np.uint8, 3), (codebooks, "codebooks", np.float32, 3),
+                            (row_offsets, "row_offsets", np.int32, 1), (block_offsets, "block_offsets", np.int32, 1),
+                            (leaves, "leaves", np.int32, 2), (lens, "lens", np.int32, 2)):
+        check_array(a, name, dt, nd)
+    Q, d = queries.shape
+    m, _, dsub = codebooks.shape
+    check_axis(base, "base", 1, d, "queries' dimension")
+    check_axis(codebooks, "codebooks", 1, 16, "16 centroids per sub-space (4-bit codes)")
+    if m * dsub < d or (m - 1) * dsub >= d:
+        raise ValueError(f"codebooks: shape [M, 16, dsub] must cover the {d} dimensions with M = ceil(d / dsub)")
+    check_axis(codes, "codes", 1, (m + 1) // 2, "ceil(M / 2) sub-space pairs")
+    check_options(k=k, metric=metric, n_threads=n_threads)
+    if reorder < k:
+        raise ValueError(f"reorder: must be in [k, 2^31 - 1], got {reorder}")
+    if centres is not None:
+        check_array(centres, "centres", np.float32, 2)
+    rows_of = np.concatenate([np.arange(row_offsets[b], row_offsets[b + 1]) for b in range(len(row_offsets) - 1)]
+                             or [np.zeros(0, np.int64)])
+    row_block = np.concatenate([block_offsets[b] + np.arange(row_offsets[b + 1] - row_offsets[b]) // 32
+                                for b in range(len(row_offsets) - 1)] or [np.zeros(0, np.int64)])
+    row_lane = np.concatenate([np.arange(row_offsets[b + 1] - row_offsets[b]) % 32
+                               for b in range(len(row_offsets) - 1)] or [np.zeros(0, np.int64)])
+    packed = codes[row_block, :, row_lane] if len(rows_of) else np.zeros((0, codes.shape[1]), np.uint8)
+    row_codes = np.empty((len(packed), 2 * codes.shape[1]), np.int64)
+    row_codes[:, 0::2], row_codes[:, 1::2] = packed & 15, packed >> 4
+    row_codes = row_codes[:, :m]
+    best = np.full((Q, reorder), -1, np.int32)
+    n_cand = np.zeros(Q, np.int32)
+    for q in range(Q):
+        shared = pq4_table(queries[q], codebooks, metric)
+        values, rows = [], []
+        for b, n in zip(leaves[q], lens[q]):
+            if b < 0 or n == 0:
+                continue
+            table, scale, bias = shared
+            if centres is not None and metric == "l2":
+                table, scale, bias = pq4_table(queries[q], codebooks, metric, centres[b])
+            elif centres is not None:
+                bias = bias - _seq_sum(queries[q] * centres[b])
+            r = np.arange(row_offsets[b], row_offsets[b] + n)
+            sums = table[np.arange(m), row_codes[r]].sum(1)
+            values.append(sums.astype(np.float32) / scale + bias)
+            rows.append(r.astype(np.int32))
+            n_cand[q] += n
+        if rows:
+            values, rows = np.concatenate(values), np.concatenate(rows)
+            top = _rank(values, rows, descending=False)[:reorder]
+            best[q, :len(top)] = rows[top]
+    ids, dist, _ = rerank_topk(queries, base, best, k, metric)
+    return ids, dist, n_cand
 
 
 def topk_rows(x, k, n_threads=0):

@@ -1,0 +1,443 @@
+// pq4_search: each query's probed leaves scored from 4-bit product-quantization codes (fast scan), the
+// `reorder` best rows by that approximate score re-ranked exactly on the float rows, the k nearest kept.
+//
+// Layout (built by jaxidx/pq4.py): leaf b's rows are row_offsets[b]..row_offsets[b+1] of `base`, and its
+// codes fill blocks block_offsets[b]..block_offsets[b+1] of `codes` [n_blocks, M2, 32]: block j, pair p,
+// byte v holds row 32 j + v's code of sub-space 2p in the low nibble and of 2p + 1 in the high nibble
+// (rows past the leaf's end are padding, never reported).
+//
+// Scores (the contract of jaxidx/search/reference.py, pq4_search): per query (and per leaf where the
+// table depends on the leaf centre) a float table lut[m][j] over sub-spaces m and centroids j,
+// quantized to bytes qlut = min(255, rint((lut - min_m) * scale)) with one scale per table; a row's
+// approximate value is float(sum_m qlut[m][code_m]) / scale + bias, where bias is the sum of the
+// minima (plus -q.c_b for inner products with residual codes). The sum is an exact integer (at most
+// 65535 by the choice of scale), so the SIMD kernel (byte shuffles, 16-bit lanes) and the portable loop
+// agree exactly. The `reorder` rows of smallest (approximate value, row) are re-ranked with the exact
+// distance of rerank_topk; ids returned are rows of `base`.
+#include <functional>
+
+#include "scan.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define JAXIDX_X86 1
+#endif
+
+namespace jaxidx {
+
+namespace {
+
+constexpr int64_t kBlockRows = 32;
+constexpr int kCentroids = 16;
+
+// The quantized table of one query (and leaf): each sub-space's 16 bytes stored twice (both 128-bit
+// lanes of an AVX2 register), and what turns a byte sum back into a value.
+struct QuantTable {
+    std::vector<uint8_t> bytes;  // [2 * M2][32]
+    float scale = 1.0f, bias = 0.0f;
+    std::vector<float> mins;  // scratch: each sub-space's smallest entry
+};
+
+// lut[m * 16 + j]: inner products are negated (smaller = nearer). t is the query (minus the leaf centre for
+// l2 with residual codes) zero-padded to M * dsub; cbt the codebooks transposed to [M][dsub][16], so the
+// 16 centroids are the inner (vectorised) loop. Terms in increasing dimension order, float32, no fused
+// multiply-add (as the reference).
+void build_lut(int metric, const float* t, const float* cbt, int64_t M, int64_t dsub, float* lut) {
+    for (int64_t m = 0; m < M; ++m) {
+        float acc[kCentroids] = {};
+        for (int64_t i = 0; i < dsub; ++i) {
+            const float ti = t[m * dsub + i];
+            const float* c = cbt + (m * dsub + i) * kCentroids;
+            if (metric == kL2) {
+                for (int j = 0; j < kCentroids; ++j) {
+                    const float diff = ti - c[j];
+                    acc[j] += diff * diff;
+                }
+            } else {
+                for (int j = 0; j < kCentroids; ++j) acc[j] += ti * c[j];
+            }
+        }
+        for (int j = 0; j < kCentroids; ++j) lut[m * kCentroids + j] = metric == kL2 ? acc[j] : -acc[j];
+    }
+}
+
+// The query (minus `centre` when given) zero-padded to M * dsub entries, into t.
+inline void table_input(const float* q, const float* centre, int64_t d, float* t) {
+    for (int64_t i = 0; i < d; ++i) t[i] = centre ? q[i] - centre[i] : q[i];
+}
+
+void quantize_lut(const float* lut, int64_t M, QuantTable& t) {
+    const int64_t M2 = (M + 1) / 2;
+    t.bytes.assign(static_cast<size_t>(M2 * 2 * 32), 0);
+    std::vector<float>& mins = t.mins;
+    mins.resize(static_cast<size_t>(M));
+    float max_range = 0.0f, sum_range = 0.0f, bias = 0.0f;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* row = lut + m * kCentroids;
+        const float lo = *std::min_element(row, row + kCentroids), hi = *std::max_element(row, row + kCentroids);
+        mins[m] = lo;
+        max_range = std::max(max_range, hi - lo);
+        sum_range += hi - lo;
+        bias += lo;
+    }
+    t.scale = max_range > 0.0f ? std::min(255.0f / max_range, (65535.0f - static_cast<float>(M)) / sum_range) : 1.0f;
+    t.bias = bias;
+    for (int64_t m = 0; m < M; ++m) {
+        uint8_t* out = t.bytes.data() + m * 32;  // sub-space m: register 2p (low nibbles) or 2p + 1 (high)
+        for (int j = 0; j < kCentroids; ++j) {
+            // Round half to even without a libm call: exact for 0 <= x < 2^23 (x is at most about 255).
+            const float x = (lut[m * kCentroids + j] - mins[m]) * t.scale;
+            const float v = std::min(255.0f, (x + 8388608.0f) - 8388608.0f);
+            out[j] = out[j + 16] = static_cast<uint8_t>(v);
+        }
+    }
+}
+
+// Moves the n largest of a[0..len) (distinct keys, n <= len) to a[0..n), in any order: quickselect with
+// a median-of-three pivot and a branch-free partition (std::nth_element's branches mispredict on every
+// other element of these random keys, which made the cut most of a query's selection cost).
+inline void select_largest(uint64_t* a, size_t len, size_t n) {
+    size_t lo = 0, hi = len;
+    while (hi - lo > 16 && lo < n && n < hi) {
+        const uint64_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+        const uint64_t pivot = std::max(std::min(x, y), std::min(std::max(x, y), z));
+        size_t store = lo;  // a[lo..store) > pivot, a[store..i) <= pivot; both sides non-empty (distinct keys)
+        for (size_t i = lo; i < hi; ++i) {
+            const uint64_t v = a[i];
+            a[i] = a[store];
+            a[store] = v;
+            store += v > pivot;
+        }
+        (store > n ? hi : lo) = store;
+    }
+    if (lo < n && n < hi) std::sort(a + lo, a + hi, std::greater<uint64_t>());
+}
+
+// The n smallest (value, row) pairs offered, ties by smaller row, in amortised O(1) per offer: offers
+// not above the bound go to a buffer of 2n rank keys (one uint64 each: rank_key(-value, row), larger =
+// better), cut back to its n best (select_largest) when full; the bound is then the n-th best value. A
+// heap (TopK) costs a sift per offer.
+class Reservoir {
+  public:
+    void reset(size_t n) {
+        n_ = n;
+        keys_.clear();
+        keys_.reserve(2 * n);
+        bound_ = INFINITY;
+        bound_key_ = 0;
+    }
+    float bound() const { return bound_; }
+    void push(float value, int32_t row) {
+        const uint64_t key = rank_key(-value, row);
+        if (key < bound_key_) return;  // n kept rows rank first
+        keys_.push_back(key);
+        if (keys_.size() == 2 * n_) cut();
+    }
+    // Rows of the n best offered (fewer if fewer were offered), in no particular order.
+    void rows(std::vector<int32_t>& out) {
+        if (keys_.size() > n_) cut();
+        out.clear();
+        for (uint64_t key : keys_) out.push_back(static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)));
+    }
+
+  private:
+    void cut() {
+        select_largest(keys_.data(), keys_.size(), n_);
+        keys_.resize(n_);
+        bound_key_ = *std::min_element(keys_.begin(), keys_.end());
+        // The value of the n-th best (rank_key's order inverted; NaN keeps the bound open).
+        const uint32_t ordered = static_cast<uint32_t>(bound_key_ >> 32);
+        const uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7FFFFFFFu) : ~ordered;
+        float neg;
+        std::memcpy(&neg, &bits, sizeof neg);
+        bound_ = ordered == 0 ? INFINITY : -neg;
+    }
+
+    size_t n_ = 0;
+    float bound_ = INFINITY;
+    uint64_t bound_key_ = 0;
+    std::vector<uint64_t> keys_;
+};
+
+// Largest byte sum that can still enter a top whose worst kept value is `bound`: one unit above the
+// exact cut, so float rounding never drops a row the top would keep (the top decides on the value).
+// -1: no row of this table can enter.
+inline int64_t sum_threshold(float bound, float scale, float bias) {
+    if (!(bound < INFINITY)) return 65535;
+    const float y = (bound - bias) * scale;
+    if (std::isnan(y)) return 65535;
+    if (y < -1.0f) return -1;
+    return std::min<int64_t>(65535, static_cast<int64_t>(std::floor(y)) + 1);
+}
+
+// Byte sums of one block's 32 rows, portable: sums[v] for row v.
+void block_sums_portable(const uint8_t* block, int64_t M2, const uint8_t* table, uint32_t* sums) {
+    for (int v = 0; v < kBlockRows; ++v) sums[v] = 0;
+    for (int64_t p = 0; p < M2; ++p) {
+        const uint8_t* codes = block + p * 32;
+        const uint8_t* lo = table + (2 * p) * 32;
+        const uint8_t* hi = table + (2 * p + 1) * 32;
+        for (int v = 0; v < kBlockRows; ++v) sums[v] += lo[codes[v] & 15] + hi[codes[v] >> 4];
+    }
+}
+
+// The first n_rows rows of a leaf's blocks (rows first, first + 1, ...) into `top`, with the table's
+// bytes, scale and bias.
+using BlockScanFn = void (*)(const uint8_t* blocks, int64_t n_rows, int64_t M2, const uint8_t* table, float scale,
+                             float bias, int32_t first, Reservoir& top);
+
+void scan_blocks_portable(const uint8_t* blocks, int64_t n_rows, int64_t M2, const uint8_t* table, float scale,
+                          float bias, int32_t first, Reservoir& top) {
+    uint32_t sums[kBlockRows];
+    for (int64_t b = 0; b * kBlockRows < n_rows; ++b) {
+        const int64_t thr = sum_threshold(top.bound(), scale, bias);
+        if (thr < 0) return;
+        block_sums_portable(blocks + b * M2 * 32, M2, table, sums);
+        const int64_t valid = std::min(kBlockRows, n_rows - b * kBlockRows);
+        for (int64_t v = 0; v < valid; ++v) {
+            if (sums[v] <= thr) {
+                top.push(static_cast<float>(sums[v]) / scale + bias, first + static_cast<int32_t>(b * kBlockRows + v));
+            }
+        }
+    }
+}
+
+#ifdef JAXIDX_X86
+// Byte sums of NB consecutive blocks (sharing the table loads): each pair of sub-spaces is one 32-byte load
+// of codes, two nibble masks and two shuffles per block; bytes are summed in 16-bit lanes, a lane holding
+// rows 2i (low byte) and 2i + 1 (high byte): `all` sums both (low + 256 high, modulo 2^16), `odd` the
+// high bytes alone, so the even rows' sums are all - 256 odd, exact because every sum is below 2^16.
+template <int NB>
+__attribute__((target("avx2"))) inline void block_sums_avx2(const uint8_t* block, int64_t M2, const uint8_t* table,
+                                                            __m256i* even, __m256i* odd) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i all[NB], hi[NB];  // locals: the outputs may alias the tables (char pointers), so no spills per step
+    for (int i = 0; i < NB; ++i) all[i] = hi[i] = _mm256_setzero_si256();
+    for (int64_t p = 0; p < M2; ++p) {
+        const __m256i lut_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 2 * p * 32));
+        const __m256i lut_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + (2 * p + 1) * 32));
+        for (int i = 0; i < NB; ++i) {
+            const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i * M2 + p) * 32));
+            const __m256i r0 = _mm256_shuffle_epi8(lut_lo, _mm256_and_si256(c, low4));
+            const __m256i r1 = _mm256_shuffle_epi8(lut_hi, _mm256_and_si256(_mm256_srli_epi16(c, 4), low4));
+            all[i] = _mm256_add_epi16(all[i], _mm256_add_epi16(r0, r1));
+            hi[i] = _mm256_add_epi16(hi[i], _mm256_add_epi16(_mm256_srli_epi16(r0, 8), _mm256_srli_epi16(r1, 8)));
+        }
+    }
+    for (int i = 0; i < NB; ++i) {
+        even[i] = _mm256_sub_epi16(all[i], _mm256_slli_epi16(hi[i], 8));
+        odd[i] = hi[i];
+    }
+}
+
+// Offers the rows of one block (first `valid` of 32) whose sum is at most thr.
+__attribute__((target("avx2"))) inline void offer_block_avx2(__m256i even, __m256i odd, int64_t thr, int64_t valid,
+                                                             float scale, float bias, int32_t first, Reservoir& top) {
+    const __m256i tv = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(thr)));
+    const uint32_t me = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(even, tv), even)));
+    const uint32_t mo = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(odd, tv), odd)));
+    uint32_t pass = (me & 0x55555555u) | ((mo & 0x55555555u) << 1);  // bit v: row v's sum <= thr
+    if (valid < kBlockRows) pass &= (uint32_t{1} << valid) - 1;
+    if (!pass) return;
+    // The 32 values at once (the same IEEE operations per lane as the scalar float(s) / scale + bias), so
+    // offers do not wait on a conversion and a division each.
+    alignas(32) float values[2][16];  // [row parity][row / 2]
+    const __m256 sc = _mm256_set1_ps(scale), bi = _mm256_set1_ps(bias);
+    const __m256i sums[2] = {even, odd};
+    for (int parity = 0; parity < 2; ++parity) {
+        for (int half = 0; half < 2; ++half) {
+            const __m128i s16 = half ? _mm256_extracti128_si256(sums[parity], 1) : _mm256_castsi256_si128(sums[parity]);
+            const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s16));
+            _mm256_store_ps(values[parity] + 8 * half, _mm256_add_ps(_mm256_div_ps(f, sc), bi));
+        }
+    }
+    for (; pass; pass &= pass - 1) {
+        const int v = __builtin_ctz(pass);
+        top.push(values[v & 1][v >> 1], first + v);
+    }
+}
+
+__attribute__((target("avx2"))) void scan_blocks_avx2(const uint8_t* blocks, int64_t n_rows, int64_t M2,
+                                                      const uint8_t* table, float scale, float bias, int32_t first,
+                                                      Reservoir& top) {
+    constexpr int kGroup = 2;  // blocks summed together: the table loads are shared and the chains independent
+    __m256i even[kGroup], odd[kGroup];
+    const int64_t n_blocks = (n_rows + kBlockRows - 1) / kBlockRows;
+    for (int64_t b = 0; b < n_blocks; b += kGroup) {
+        if (sum_threshold(top.bound(), scale, bias) < 0) return;
+        const int64_t group = std::min<int64_t>(kGroup, n_blocks - b);
+        switch (group) {
+            case 4: block_sums_avx2<4>(blocks + b * M2 * 32, M2, table, even, odd); break;
+            case 3: block_sums_avx2<3>(blocks + b * M2 * 32, M2, table, even, odd); break;
+            case 2: block_sums_avx2<2>(blocks + b * M2 * 32, M2, table, even, odd); break;
+            default: block_sums_avx2<1>(blocks + b * M2 * 32, M2, table, even, odd);
+        }
+        for (int64_t i = 0; i < group; ++i) {
+            const int64_t thr = sum_threshold(top.bound(), scale, bias);
+            if (thr < 0) return;
+            offer_block_avx2(even[i], odd[i], thr, std::min(kBlockRows, n_rows - (b + i) * kBlockRows), scale, bias,
+                             first + static_cast<int32_t>((b + i) * kBlockRows), top);
+        }
+    }
+}
+
+bool fastscan_avx2() {
+    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
+    return avx2;
+}
+#endif
+
+BlockScanFn pick_block_scan() {
+#ifdef JAXIDX_X86
+    if (fastscan_avx2()) return scan_blocks_avx2;
+#endif
+    return scan_blocks_portable;
+}
+
+// Sequential float32 dot product (the reference's np.cumsum order).
+inline float dot_sequential(const float* a, const float* b, int64_t d) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
+    return acc;
+}
+
+}  // namespace
+
+py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, const py::object& codes_o,
+                     const py::object& codebooks_o, const py::object& centres_o, const py::object& row_offsets_o,
+                     const py::object& block_offsets_o, const py::object& leaves_o, const py::object& lens_o,
+                     const py::object& reorder_o, const py::object& k_o, const py::object& metric_o,
+                     const py::object& n_threads) {
+    py::array q_a = require_array<float>(queries_o, "queries", 2);
+    py::array x_a = require_array<float>(base_o, "base", 2);
+    py::array c_a = require_array<uint8_t>(codes_o, "codes", 3);
+    py::array cb_a = require_array<float>(codebooks_o, "codebooks", 3);
+    py::array ro_a = require_array<int32_t>(row_offsets_o, "row_offsets", 1);
+    py::array bo_a = require_array<int32_t>(block_offsets_o, "block_offsets", 1);
+    py::array lv_a = require_array<int32_t>(leaves_o, "leaves", 2);
+    py::array ln_a = require_array<int32_t>(lens_o, "lens", 2);
+    const int64_t Q = q_a.shape(0), d = q_a.shape(1), N = x_a.shape(0), L = ro_a.shape(0) - 1;
+    const int64_t M = cb_a.shape(0), dsub = cb_a.shape(2), M2 = (M + 1) / 2, P = lv_a.shape(1);
+    require_shape(x_a, "base", 1, d, "queries' dimension");
+    if (N > INT32_MAX) fail("base", "more than 2^31 - 1 rows");
+    require_shape(cb_a, "codebooks", 1, kCentroids, "16 centroids per sub-space (4-bit codes)");
+    if (M < 1 || dsub < 1 || M * dsub < d || (M - 1) * dsub >= d) {
+        fail("codebooks", "shape [M, 16, dsub] must cover the " + std::to_string(d) + " dimensions with M = ceil(d / dsub)");
+    }
+    if (M > 65000) fail("codebooks", "more than 65000 sub-spaces");
+    require_shape(c_a, "codes", 1, M2, "ceil(M / 2) sub-space pairs");
+    require_shape(c_a, "codes", 2, kBlockRows, "32 rows per block");
+    if (L < 1) fail("row_offsets", "needs at least 2 entries (one leaf)");
+    require_shape(bo_a, "block_offsets", 0, L + 1, "one entry per row_offsets entry");
+    require_shape(lv_a, "leaves", 0, Q, "one row per query");
+    require_shape(ln_a, "lens", 0, Q, "one row per query");
+    require_shape(ln_a, "lens", 1, P, "one length per probed leaf");
+    const float* centres = nullptr;
+    if (!centres_o.is_none()) {
+        py::array ce_a = require_array<float>(centres_o, "centres", 2);
+        require_shape(ce_a, "centres", 0, L, "one centre per leaf");
+        require_shape(ce_a, "centres", 1, d, "queries' dimension");
+        centres = data_of<float>(ce_a);
+    }
+    const int64_t k = require_k(k_o);
+    const int64_t reorder = require_int(reorder_o, "reorder", k, kInt32Max, "must be in [k, 2^31 - 1]");
+    const int metric = require_metric(metric_o);
+    const int threads = resolve_threads(require_threads(n_threads), Q);
+    const int32_t* rows = data_of<int32_t>(ro_a);
+    const int32_t* blocks = data_of<int32_t>(bo_a);
+    const int32_t* leaves = data_of<int32_t>(lv_a);
+    const int32_t* lens = data_of<int32_t>(ln_a);
+    const int64_t n_blocks = c_a.shape(0);
+    const float* qs = data_of<float>(q_a);
+    const float* base = data_of<float>(x_a);
+    const uint8_t* codes = data_of<uint8_t>(c_a);
+    const float* codebooks = data_of<float>(cb_a);
+
+    py::array_t<int32_t> ids_o({Q, k}), ncand_o(Q);
+    py::array_t<float> dist_o({Q, k});
+    int32_t* out_ids = ids_o.mutable_data();
+    int32_t* out_ncand = ncand_o.mutable_data();
+    float* out_dist = dist_o.mutable_data();
+    {
+        py::gil_scoped_release release;
+        if (rows[0] != 0 || blocks[0] != 0) fail(rows[0] ? "row_offsets" : "block_offsets", "must start at 0");
+        for (int64_t b = 0; b < L; ++b) {
+            const int64_t size = int64_t{rows[b + 1]} - rows[b];
+            if (size < 0) fail("row_offsets", "must be non-decreasing");
+            if (int64_t{blocks[b + 1]} - blocks[b] != (size + kBlockRows - 1) / kBlockRows) {
+                fail("block_offsets", "leaf " + std::to_string(b) + " has " + std::to_string(size) + " rows but " +
+                                          std::to_string(int64_t{blocks[b + 1]} - blocks[b]) + " blocks (expected ceil(rows / 32))");
+            }
+        }
+        if (rows[L] != N) fail("row_offsets", "last entry " + std::to_string(rows[L]) + " != base rows " + std::to_string(N));
+        if (blocks[L] != n_blocks) fail("block_offsets", "last entry " + std::to_string(blocks[L]) + " != codes blocks " +
+                                                             std::to_string(n_blocks));
+        std::vector<int64_t> seen(static_cast<size_t>(L), -1);  // a leaf probed twice by one query
+        for (int64_t q = 0; q < Q; ++q) {
+            for (int64_t p = 0; p < P; ++p) {
+                const int32_t b = leaves[q * P + p], n = lens[q * P + p];
+                if (b < -1 || b >= L) fail("leaves", "leaf " + std::to_string(b) + " out of range [-1, " + std::to_string(L) + ")");
+                if (b < 0) {
+                    if (n != 0) fail("lens", "must be 0 where leaves is -1");
+                    continue;
+                }
+                if (n < 0 || n > rows[b + 1] - rows[b]) {
+                    fail("lens", std::to_string(n) + " rows of leaf " + std::to_string(b) + ", which has " +
+                                     std::to_string(rows[b + 1] - rows[b]));
+                }
+                if (seen[b] == q) fail("leaves", "query " + std::to_string(q) + " probes leaf " + std::to_string(b) + " twice");
+                seen[b] = q;
+            }
+        }
+        const BlockScanFn scan_blocks = pick_block_scan();
+        std::vector<float> cbt(static_cast<size_t>(M * dsub * kCentroids));  // codebooks as [M][dsub][16]
+        for (int64_t m = 0; m < M; ++m) {
+            for (int j = 0; j < kCentroids; ++j) {
+                for (int64_t i = 0; i < dsub; ++i) cbt[(m * dsub + i) * kCentroids + j] = codebooks[(m * kCentroids + j) * dsub + i];
+            }
+        }
+        const bool per_leaf_table = centres && metric == kL2;
+        parallel_for(Q, threads, 16, [&](int, int64_t q0, int64_t q1) {
+            std::vector<float> lut(static_cast<size_t>(M * kCentroids)), t(static_cast<size_t>(M * dsub), 0.0f);
+            QuantTable table;
+            Reservoir approx;
+            TopK exact(false);
+            exact.reserve(static_cast<size_t>(k));
+            IdScanner scanner(metric, d);
+            std::vector<int32_t> best;
+            for (int64_t q = q0; q < q1; ++q) {
+                const float* qv = qs + q * d;
+                if (!per_leaf_table) {
+                    table_input(qv, nullptr, d, t.data());
+                    build_lut(metric, t.data(), cbt.data(), M, dsub, lut.data());
+                    quantize_lut(lut.data(), M, table);
+                }
+                approx.reset(static_cast<size_t>(reorder));
+                int64_t n_cand = 0;
+                for (int64_t p = 0; p < P; ++p) {
+                    const int32_t b = leaves[q * P + p], n = lens[q * P + p];
+                    if (b < 0 || n == 0) continue;
+                    if (per_leaf_table) {
+                        table_input(qv, centres + b * d, d, t.data());
+                        build_lut(metric, t.data(), cbt.data(), M, dsub, lut.data());
+                        quantize_lut(lut.data(), M, table);
+                    }
+                    // Inner products with residual codes: -q.(c_b + r) = -q.c_b + the table's value of r.
+                    const float bias = centres && !per_leaf_table ? table.bias - dot_sequential(qv, centres + b * d, d)
+                                                                  : table.bias;
+                    scan_blocks(codes + int64_t{blocks[b]} * M2 * 32, n, M2, table.bytes.data(), table.scale, bias,
+                                rows[b], approx);
+                    n_cand += n;
+                }
+                approx.rows(best);  // the exact top-k does not depend on the order (ties by row)
+                exact.reset(static_cast<size_t>(k));
+                scanner.scan(qv, base, best.data(), static_cast<int64_t>(best.size()), exact);
+                write_nearest(exact, q, k, out_ids, out_dist);
+                out_ncand[q] = static_cast<int32_t>(std::min<int64_t>(n_cand, kInt32Max));
+            }
+        });
+    }
+    return py::make_tuple(ids_o, dist_o, ncand_o);
+}
+
+}  // namespace jaxidx

@@ -1,0 +1,271 @@
+"""4-bit PQ fast scan: codes and layout (jaxidx.pq4), the C++ kernel against its NumPy reference (SIMD and
+portable paths), validation, and LMI's quantized search (reorder) against its float search."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxidx
+from jaxidx import pq4
+from jaxidx.search import host, reference
+
+BACKENDS = {"host": host, "reference": reference}
+
+
+def quantized_case(rng, metric="l2", residual=True, d=13, dsub=2, leaves=7, q=20, probes=4):
+    """A random leaf layout with PQ codes and probes: the kwargs of pq4_search (k and reorder left out)."""
+    sizes = rng.integers(0, 80, leaves)
+    sizes[2] = 0
+    sizes[3] = 32  # exactly one block
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    base = rng.standard_normal((offsets[-1], d)).astype(np.float32)
+    codebooks = pq4.train_codebooks(base, dsub, n_iter=5)
+    centres = pq4.leaf_means(base, offsets) if residual else None
+    r = base - np.repeat(centres, sizes, 0) if residual else base
+    codes, block_offsets = pq4.block_layout(pq4.pack_rows(pq4.encode(r, codebooks)), offsets)
+    probed = np.stack([rng.permutation(leaves)[:probes] for _ in range(q)]).astype(np.int32)
+    probed[0, 1] = -1
+    lens = np.where(probed >= 0, sizes[np.maximum(probed, 0)], 0).astype(np.int32)
+    lens[1, 0] //= 2  # a budget that stops inside a leaf
+    return dict(queries=rng.standard_normal((q, d)).astype(np.float32), base=base, codes=codes, codebooks=codebooks,
+                centres=centres, row_offsets=offsets, block_offsets=block_offsets, leaves=probed, lens=lens,
+                metric=metric)
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
+
+
+# --- codes and layout ------------------------------------------------------------------------------
+def test_pack_unpack_and_block_layout():
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (70, 5)).astype(np.uint8)
+    packed = pq4.pack_rows(codes)
+    assert packed.shape == (70, 3) and (packed[:, 2] >> 4 == 0).all()  # the 6th sub-space is padding
+    np.testing.assert_array_equal(pq4.unpack_rows(packed, 5), codes)
+    offsets = np.array([0, 33, 33, 70], np.int32)  # leaves of 33, 0 and 37 rows
+    blocks, block_offsets = pq4.block_layout(packed, offsets)
+    np.testing.assert_array_equal(block_offsets, [0, 2, 2, 4])
+    assert blocks.shape == (4, 3, 32)
+    np.testing.assert_array_equal(blocks[0, :, 5], packed[5])          # leaf 0, row 5
+    np.testing.assert_array_equal(blocks[1, :, 0], packed[32])         # leaf 0's 33rd row opens block 1
+    assert (blocks[1, :, 1:] == 0).all()                               # ... the rest is padding
+    np.testing.assert_array_equal(blocks[3, :, 4], packed[33 + 36])    # leaf 2, row 36
+
+
+def test_codebooks_recover_exact_centroids_and_encode_nearest():
+    rng = np.random.default_rng(1)
+    cents = rng.standard_normal((3, 16, 2)).astype(np.float32) * 10  # 3 sub-spaces of 2 dims (d = 5: one pad)
+    codes = np.concatenate([np.tile(np.arange(16), 20)[:, None]] * 3, 1)
+    codes = np.stack([rng.permutation(c) for c in codes.T], 1).astype(np.uint8)
+    x = np.concatenate([cents[m][codes[:, m]] for m in range(3)], 1)[:, :5]
+    cents[2, :, 1] = 0.0  # the padded dimension
+    x_codes = pq4.encode(x, cents)
+    np.testing.assert_array_equal(x_codes, codes)
+    learned = pq4.train_codebooks(x, 2, n_iter=30, seed=3)
+    assert learned.shape == (3, 16, 2)
+    recon = np.concatenate([learned[m][pq4.encode(x, learned)[:, m]] for m in range(3)], 1)[:, :5]
+    assert np.mean((recon - x) ** 2) < 0.1 * np.var(x)  # Lloyd from 16 sample rows: near the true centroids
+    with pytest.raises(ValueError, match="do not match"):
+        pq4.encode(x[:, :3], cents)
+
+
+def test_leaf_means_of_layout():
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    means = pq4.leaf_means(x, np.array([0, 2, 2, 6], np.int32))
+    np.testing.assert_array_equal(means, [[1, 2], [0, 0], [7, 8]])
+
+
+# --- kernel against reference ------------------------------------------------------------------------
+@pytest.mark.parametrize("metric,residual,d,dsub", [("l2", True, 13, 2), ("l2", False, 16, 2), ("ip", True, 9, 3),
+                                                    ("ip", False, 8, 1), ("cosine", False, 7, 2),
+                                                    ("l2", True, 50, 2)])
+@pytest.mark.parametrize("reorder", [5, 40, 1000])
+def test_pq4_search_matches_reference(metric, residual, d, dsub, reorder):
+    case = quantized_case(np.random.default_rng(d * 7 + reorder), metric, residual, d, dsub)
+    want = reference.pq4_search(**case, reorder=reorder, k=5)
+    assert_same(host.pq4_search(**case, reorder=reorder, k=5, n_threads=3), want)
+    np.testing.assert_array_equal(want[2], case["lens"].sum(1))
+
+
+def test_pq4_search_portable_path_matches_reference():
+    """The non-AVX2 block loop (forced with JAXIDX_NO_AVX2) gives the same bits."""
+    code = """
+import numpy as np
+from test_pq4 import quantized_case, assert_same
+from jaxidx.search import host, reference
+for i, (metric, residual) in enumerate([("l2", True), ("ip", True), ("l2", False)]):
+    case = quantized_case(np.random.default_rng(i), metric, residual, d=11, dsub=2)
+    assert_same(host.pq4_search(**case, reorder=12, k=4, n_threads=1), reference.pq4_search(**case, reorder=12, k=4))
+"""
+    env = dict(os.environ, JAXIDX_NO_AVX2="1")
+    here = os.path.dirname(__file__)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=here)
+
+
+def test_reorder_of_every_candidate_is_the_exact_search():
+    """Re-ranking every candidate gives rerank_topk's result over the same rows: the codes only order them."""
+    case = quantized_case(np.random.default_rng(5), "l2", True, d=20, dsub=2)
+    got = host.pq4_search(**case, reorder=10_000, k=8)
+    starts = np.where(case["leaves"] >= 0, case["row_offsets"][np.maximum(case["leaves"], 0)], 0).astype(np.int32)
+    runs = (np.arange(0, starts.size + 1, starts.shape[1], dtype=np.int64), starts.ravel(), case["lens"].ravel())
+    want = host.rerank_topk(case["queries"], case["base"], runs, 8, "l2")
+    assert_same(got, want)
+
+
+def test_quantized_sums_are_exact_on_representable_inputs():
+    """Integer tables with ranges under 255 (scale 1 would do, the kernel's scale keeps the order): the
+    approximate order is the exact order, so reorder = k already finds the true neighbours of lossless codes."""
+    rng = np.random.default_rng(2)
+    cb = np.zeros((4, 16, 1), np.float32)
+    cb[:, :, 0] = np.arange(16)  # 1-d sub-spaces with centroids 0..15
+    codes = rng.integers(0, 16, (64, 4)).astype(np.uint8)
+    base = codes.astype(np.float32)  # lossless codes
+    offsets = np.array([0, 64], np.int32)
+    blocks, block_offsets = pq4.block_layout(pq4.pack_rows(codes), offsets)
+    queries = rng.integers(0, 16, (10, 4)).astype(np.float32)
+    leaves, lens = np.zeros((10, 1), np.int32), np.full((10, 1), 64, np.int32)
+    got = host.pq4_search(queries, base, blocks, cb, None, offsets, block_offsets, leaves, lens, 3, 3, "l2", 1)
+    exact = ((queries[:, None] - base[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(got[1], np.sort(exact, 1)[:, :3])
+
+
+def _bad_cases():
+    """(base case, [(the argument the error must name, the arguments changed)])."""
+    case = quantized_case(np.random.default_rng(3), "l2", True)
+    dup, dup_lens = case["leaves"].copy(), case["lens"].copy()
+    dup[2, 1], dup_lens[2, 1] = dup[2, 0], dup_lens[2, 0]
+    return case, [
+        ("codes", {"codes": case["codes"].astype(np.int8)}), ("codes", {"codes": case["codes"][:, :1]}),
+        ("codebooks", {"codebooks": case["codebooks"][:, :8]}), ("codebooks", {"codebooks": case["codebooks"][:3]}),
+        ("block_offsets", {"block_offsets": case["block_offsets"] + 1}),
+        ("row_offsets", {"row_offsets": case["row_offsets"][::-1].copy()}),
+        ("leaves", {"leaves": case["leaves"] + 10}), ("leaves", {"leaves": dup, "lens": dup_lens}),
+        ("lens", {"lens": case["lens"] + 100}), ("reorder", {"reorder": 2}), ("metric", {"metric": "hamming"}),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["host", "reference"])
+def test_pq4_search_validation(backend):
+    case, bad = _bad_cases()
+    for name, change in bad:
+        if backend == "reference" and name in ("block_offsets", "row_offsets", "leaves", "lens"):
+            continue  # the reference checks dtypes, shapes and options; the kernel also checks the layout
+        with pytest.raises(ValueError, match=name):
+            BACKENDS[backend].pq4_search(**{**case, "reorder": 10, "k": 4, **change})
+
+
+# --- LMI --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lmi_run(tmp_path_factory):
+    from helpers import load_config
+    from jaxidx.runner import train_and_evaluate
+    wd = str(tmp_path_factory.mktemp("lmi_pq4"))
+    config = load_config("configs/lmi.py:tiny", **{"index.pq4_dims": 2})
+    train_and_evaluate(config, wd, progress=False)
+    return wd, config
+
+
+@pytest.fixture(scope="module")
+def lmi_index(lmi_run):
+    return jaxidx.load(lmi_run[0]), jaxidx.data.load(lmi_run[1].data)
+
+
+def test_lmi_quantized_search_close_to_float_search(lmi_index, tmp_path):
+    index, data = lmi_index
+    assert index.quantized and index.arrays["pq4_codes"].shape == (data.n_items, 4)  # 16 dims: 8 sub-spaces
+    exact_ids, exact_d = index.search(data.queries, 10, n_probe=4)
+    ids, d = index.search(data.queries, 10, n_probe=4, reorder=10_000)  # every candidate re-ranked
+    np.testing.assert_array_equal(ids, exact_ids)
+    overlap = {}
+    for reorder in (20, 80):  # of about 750 candidates; the tiny set's isotropic clusters are hard for PQ
+        ids, _ = index.search(data.queries, 10, n_probe=4, reorder=reorder)
+        overlap[reorder] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
+    assert overlap[80] > 0.9 and overlap[20] < overlap[80]
+    again = jaxidx.load(index.save(str(tmp_path / "saved")))
+    np.testing.assert_array_equal(again.search(data.queries, 10, n_probe=4, reorder=80)[0], ids)
+
+
+def test_lmi_quantized_add_remove_and_errors(lmi_index, tmp_path):
+    index, data = lmi_index
+    index = jaxidx.load(index.save(str(tmp_path / "a")))  # a copy: the module's index stays as trained
+    new = data.base[:5] + 0.01
+    new_ids = index.add(new)
+    ids, _ = index.search(new, 1, n_probe=1, reorder=10_000)
+    np.testing.assert_array_equal(ids[:, 0], new_ids)
+    # Every row's code, added ones included, is its residual's code under the stored codebooks and centres.
+    x, a = index.arrays["vectors"], index.arrays
+    want = pq4.pack_rows(pq4.encode(x - np.repeat(a["pq4_centres"], index.sizes(), 0), a["pq4_codebooks"]))
+    np.testing.assert_array_equal(a["pq4_codes"], want)
+    index.remove(new_ids)
+    ids, _ = index.search(new, 3, n_probe=1, reorder=20)
+    assert not np.isin(ids, new_ids).any()
+    assert index.arrays["pq4_codes"].shape[0] == len(index)
+    with pytest.raises(ValueError, match="reorder=5 must be at least k=10"):
+        index.search(data.queries, 10, n_probe=1, reorder=5)
+    with pytest.raises(ValueError, match="backend='host' only"):
+        index.search(data.queries, 10, n_probe=1, reorder=20, backend="device")
+    plain = jaxidx.load(index.save(str(tmp_path / "b")))
+    plain.arrays = {k: v for k, v in plain.arrays.items() if not k.startswith("pq4_")}
+    with pytest.raises(ValueError, match="call index.quantize"):
+        plain.search(data.queries, 10, n_probe=1, reorder=20)
+    ids, _ = plain.quantize(dims=4, residual=False).search(data.queries, 10, n_probe=2, reorder=10_000)
+    np.testing.assert_array_equal(ids, plain.search(data.queries, 10, n_probe=2)[0])
+
+
+def test_bench_ann_quantized_lmi_beside_pq4_peers(lmi_run, tmp_path):
+    """launch/bench_ann.py: one run searched with float rows and, quantized again at 4 dims per sub-space, with
+    reorder, beside faiss IVF-PQ4fs (and ScaNN where installed; skipped with a message otherwise)."""
+    import json
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wd, out = lmi_run[0], tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, os.path.join(repo, "launch", "bench_ann.py"), f"--workdir={wd}",
+                          f"--workdir={wd}", "--quantize=0,4", '--settings=[{"n_probe": 4}]',
+                          '--settings=[{"n_probe": 4, "reorder": 1000}]', "--nohnsw", "--pqfs", "--scann",
+                          "--nprobe=2,4,8", "--k_factor=5,20", "--reorder=50,200", f"--out={out}"],
+                         cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.load(open(out))
+    methods = {r["method"] for r in got["rows"]}
+    assert any(m.startswith("lmi (B 16, pq4 4 dims/sub-space") for m in methods)
+    assert any(m.startswith("faiss-ivf-pq4fs (nlist 16, PQ8x4fs") for m in methods)
+    assert any(m.startswith("scann") for m in methods) or "ScaNN skipped" in res.stdout
+    summary = {r["method"].split(" (")[0] + (" pq4" if "pq4 4" in r["method"] else ""): r for r in got["summary"]}
+    assert summary["faiss-ivf-flat"]["qps_vs_ivf@0.90"] == 1.0
+    lmi = {("reorder" in r["setting"]): r for r in got["rows"] if r["method"].startswith("lmi")}
+    # Every candidate re-ranked (1000 > the ~750 of 4 leaves): the float search's results, from the codes' path.
+    assert lmi[True]["recall@10"] == lmi[False]["recall@10"] > 0.8
+    assert lmi[True]["candidates_per_query"] == lmi[False]["candidates_per_query"]
+
+
+@pytest.mark.parametrize("metric,residual,dsub", [("l2", True, 2), ("l2", False, 3), ("ip", False, 2),
+                                                  ("cosine", False, 1)])
+def test_jax_twin_tables_and_values_match_reference(metric, residual, dsub):
+    """device.pq4_table / pq4_values (jit, lookup-table gather) give the reference's tables, scales, biases
+    and quantized scores (the integer sums) bit for bit on exactly representable inputs (quarters: no sum
+    rounds), and to rounding on random floats (XLA may fuse a multiply-add); values to rounding."""
+    from jaxidx.search import device
+    rng = np.random.default_rng(11)
+    d, m = 13, -(-13 // dsub)
+    codes = rng.integers(0, 16, (40, m)).astype(np.uint8)
+    for exact in (True, False):
+        draw = ((lambda *s: rng.integers(-8, 9, s).astype(np.float32) / 4) if exact
+                else (lambda *s: rng.standard_normal(s).astype(np.float32)))
+        queries, codebooks = draw(6, d), draw(m, 16, dsub)
+        centres = draw(6, d) if residual else None
+        table, scale, bias = device.pq4_table(queries, codebooks, metric, centres)
+        sums, values = map(np.asarray, device.pq4_values(table, scale, bias, codes))
+        for i in range(len(queries)):
+            t, s, b = reference.pq4_table(queries[i], codebooks, metric, None if centres is None else centres[i])
+            want_sums = t[np.arange(m), codes.astype(np.int64)].sum(1)
+            want = want_sums.astype(np.float32) / s + b
+            np.testing.assert_allclose(values[i], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+            if exact:
+                np.testing.assert_array_equal(np.asarray(table[i]), t)
+                assert np.float32(scale[i]) == s and np.float32(bias[i]) == b
+                np.testing.assert_array_equal(sums[i], want_sums)
+            else:
+                assert np.abs(np.asarray(table[i]) - t).max() <= 1  # a byte may round the other way
