@@ -66,6 +66,20 @@ def ann_row(method: str, setting: dict, ids, dist_bench, n_cand, seconds: float,
             "candidates_per_query": n_cand, "queries_per_second": len(ids) / seconds}
 
 
+def faiss_ivf_row(index, name: str, setting: dict, data) -> dict:
+    """One warm, timed search of all queries by a faiss IVF index at its current parameters, candidates
+    counted by faiss's IVF statistics (the warm pass: as `evaluate(..., warm=True)` warms the learned
+    indexes)."""
+    import faiss
+    from jaxidx.data.types import benchmark_distance
+    index.search(data.queries, 10)
+    faiss.cvar.indexIVF_stats.reset()
+    (score, ids), sec = timed(lambda: index.search(data.queries, 10), warm=False)
+    ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
+    ip = data.kernel_metric == "ip"
+    return ann_row(name, setting, ids, benchmark_distance(-score if ip else score, data.metric), ncand, sec, data)
+
+
 def bench_faiss(data, nlist: int, nprobes, threads: int, build_threads: int = 0):
     """faiss IVF-Flat (`nlist` lists; built on `build_threads`, default `threads`) over an nprobe sweep,
     and brute force, searched on `threads`. Returns (rows, {name: build seconds}, IVF index bytes)."""
@@ -84,12 +98,7 @@ def bench_faiss(data, nlist: int, nprobes, threads: int, build_threads: int = 0)
     rows = []
     for nprobe in nprobes:
         index.nprobe = nprobe
-        index.search(data.queries, 10)  # warm, as `evaluate(..., warm=True)` warms the learned indexes
-        faiss.cvar.indexIVF_stats.reset()
-        (score, ids), sec = timed(lambda: index.search(data.queries, 10), warm=False)
-        ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
-        rows.append(ann_row(f"faiss-ivf-flat (nlist {nlist})", {"nprobe": nprobe}, ids,
-                            benchmark_distance(-score if ip else score, data.metric), ncand, sec, data))
+        rows.append(faiss_ivf_row(index, f"faiss-ivf-flat (nlist {nlist})", {"nprobe": nprobe}, data))
     n_bytes = int(faiss.serialize_index(index).nbytes)
     del index
     flat = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
@@ -105,7 +114,6 @@ def bench_faiss_pqfs(data, nlist: int, nprobes, k_factors, threads: int, build_t
     an exact re-rank of k_factor x 10 candidates) over nprobe x k_factor. Returns (rows, {name: build
     seconds}, index bytes)."""
     import faiss
-    from jaxidx.data.types import benchmark_distance
     faiss.omp_set_num_threads(build_threads or threads)
     ip = data.kernel_metric == "ip"
     m = -(-data.dim // 2)
@@ -123,19 +131,14 @@ def bench_faiss_pqfs(data, nlist: int, nprobes, k_factors, threads: int, build_t
         ivf.nprobe = nprobe
         for kf in k_factors:
             index.k_factor = kf
-            index.search(data.queries, 10)
-            faiss.cvar.indexIVF_stats.reset()
-            (score, ids), sec = timed(lambda: index.search(data.queries, 10), warm=False)
-            ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
-            rows.append(ann_row(name, {"nprobe": nprobe, "k_factor": kf}, ids,
-                                benchmark_distance(-score if ip else score, data.metric), ncand, sec, data))
+            rows.append(faiss_ivf_row(index, name, {"nprobe": nprobe, "k_factor": kf}, data))
     return rows, {name: build}, int(faiss.serialize_index(index).nbytes)
 
 
-def bench_scann(data, n_leaves: int, leaves_to_search, reorders, threads: int):
+def bench_scann(data, n_leaves: int, leaves_to_search, reorders):
     """ScaNN: a k-means tree of `n_leaves` leaves, asymmetric hashing with 2 dimensions per 4-bit block
     (anisotropic loss, threshold 0.2, for inner products), exact re-rank; swept over leaves searched x
-    reorder. Searched with `search_batched` (the calling thread). Returns (rows, {name: build seconds},
+    reorder. Searched with `search_batched`, on the calling thread (the cores the process is pinned to). Returns (rows, {name: build seconds},
     None), or ([], {}, None) with a message when scann is not installed."""
     try:
         import scann

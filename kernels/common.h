@@ -304,6 +304,14 @@ class TopK {
     RanksFirst before_;
 };
 
+#if defined(__x86_64__) || defined(__i386__)
+// AVX2 when the CPU has it, unless JAXIDX_NO_AVX2 is set (to test the portable paths); every kernel's choice.
+inline bool use_avx2() {
+    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
+    return avx2;
+}
+#endif
+
 // A query's k nearest (a TopK of distances) into row q of ids / dist [Q, k], padded with -1 / +inf.
 inline void write_nearest(TopK& top, int64_t q, int64_t k, int32_t* ids, float* dist) {
     top.emit([&](size_t i, const Entry* e) {

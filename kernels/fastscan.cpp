@@ -281,15 +281,11 @@ __attribute__((target("avx2"))) void scan_blocks_avx2(const uint8_t* blocks, int
     }
 }
 
-bool fastscan_avx2() {
-    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
-    return avx2;
-}
 #endif
 
 BlockScanFn pick_block_scan() {
 #ifdef JAXIDX_X86
-    if (fastscan_avx2()) return scan_blocks_avx2;
+    if (use_avx2()) return scan_blocks_avx2;
 #endif
     return scan_blocks_portable;
 }

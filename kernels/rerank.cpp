@@ -225,14 +225,6 @@ __attribute__((target("avx2"))) void scan_rows_avx2(const float* qpad, float qno
 }
 #endif
 
-#ifdef JAXIDX_X86
-// AVX2 when the CPU has it, unless JAXIDX_NO_AVX2 is set (to test the portable path).
-bool use_avx2() {
-    static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
-    return avx2;
-}
-#endif
-
 RowScanFn pick_row_scan(int metric) {
 #ifdef JAXIDX_X86
     if (use_avx2()) {

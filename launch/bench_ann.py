@@ -99,7 +99,7 @@ def peer_rows(data, nlist: int):
         prows, pb, _ = bench.bench_faiss_pqfs(data, nlist, nprobes, [int(x) for x in FLAGS.k_factor], FLAGS.threads)
         rows, builds = rows + prows, {**builds, **pb}
     if FLAGS.scann:
-        srows, sb, _ = bench.bench_scann(data, nlist, nprobes, [int(x) for x in FLAGS.reorder], FLAGS.threads)
+        srows, sb, _ = bench.bench_scann(data, nlist, nprobes, [int(x) for x in FLAGS.reorder])
         rows, builds = rows + srows, {**builds, **sb}
     if FLAGS.hnsw:
         hrows, hb, _ = bench.bench_hnsw(data, [int(x) for x in FLAGS.ef], FLAGS.threads, FLAGS.hnsw_build_threads)

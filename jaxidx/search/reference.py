@@ -386,13 +386,9 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
         raise ValueError(f"reorder: must be in [k, 2^31 - 1], got {reorder}")
     if centres is not None:
         check_array(centres, "centres", np.float32, 2)
-    rows_of = np.concatenate([np.arange(row_offsets[b], row_offsets[b + 1]) for b in range(len(row_offsets) - 1)]
-                             or [np.zeros(0, np.int64)])
-    row_block = np.concatenate([block_offsets[b] + np.arange(row_offsets[b + 1] - row_offsets[b]) // 32
-                                for b in range(len(row_offsets) - 1)] or [np.zeros(0, np.int64)])
-    row_lane = np.concatenate([np.arange(row_offsets[b + 1] - row_offsets[b]) % 32
-                               for b in range(len(row_offsets) - 1)] or [np.zeros(0, np.int64)])
-    packed = codes[row_block, :, row_lane] if len(rows_of) else np.zeros((0, codes.shape[1]), np.uint8)
+    leaf = np.repeat(np.arange(len(row_offsets) - 1), np.diff(row_offsets))  # each row's leaf
+    pos = np.arange(len(leaf)) - row_offsets[leaf]                             # and place in it
+    packed = codes[block_offsets[leaf] + pos // 32, :, pos % 32]               # [N, ceil(M / 2)]
     row_codes = np.empty((len(packed), 2 * codes.shape[1]), np.int64)
     row_codes[:, 0::2], row_codes[:, 1::2] = packed & 15, packed >> 4
     row_codes = row_codes[:, :m]
