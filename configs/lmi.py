@@ -37,7 +37,8 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
     c.index = ml_collections.ConfigDict()
     c.index.repair_empty = True             # a leaf the networks leave empty takes back its k-means points
     c.index.pq4_dims = 0                    # > 0: also store 4-bit PQ codes, this many dimensions per sub-space,
-                                            # which search settings with reorder > 0 scan (0 = float rows only)
+                                            # which search settings with reorder > 0 scan (0 = float rows only;
+                                            # -1 = dims chosen from the data, pq4.choose_dims)
     c.index.pq4_residual = True             # codes of x minus its leaf's mean (finer than codes of x)
     c.search.query_batch = 256              # queries per routing block (the re-rank takes lmi.RERANK_QUERIES)
     c.search.settings = [{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
@@ -111,16 +112,21 @@ def auto(data) -> ml_collections.ConfigDict:
     bag-of-words and tf-idf rows, BENCHMARKS.md); MLP d -> W -> B with W the power of two near
     max(d, B), within 64..512; about 2M training examples (epochs = round(2e6 / N), within 3..20), batch
     the power of two near N / 100 (64..1024); soft targets; n_probe swept 1, 2, 3, 4, 6, ... up to
-    every leaf (and candidate budgets), which covers recall@10 0.8-0.99 on the sets measured."""
+    every leaf (and candidate budgets), which covers recall@10 0.8-0.99 on the sets measured. Rows also
+    get residual 4-bit PQ codes with the dims per sub-space `pq4.choose_dims` picks from a simulated search
+    on the data, and every n_probe is searched on the float rows and on the codes with reorder 30 and 100
+    (the re-ranks that won at recall 0.90 and 0.95 on the suite, BENCHMARKS.md): few candidates favour the
+    float scan, many the codes."""
     n, d = data.n_items, data.dim
     leaves = min(4096, pow2_near(math.sqrt(n)))
     c = _lmi(data.name)
     c.model.update(levels=(leaves,), hidden=((min(512, max(64, pow2_near(max(d, leaves)))),),))
     c.kmeans.balance = 2.0
+    c.index.pq4_dims = -1
     c.train.update(epochs=min(20, max(3, round(2e6 / n))), batch_size=min(1024, max(64, pow2_near(n / 100))))
     probes = probe_sweep(leaves)
     budget_probe = max(p for p in probes if p <= max(1, leaves // 2))
-    c.search.settings = ([{"n_probe": p} for p in probes]
+    c.search.settings = ([{"n_probe": p, **({"reorder": r} if r else {})} for p in probes for r in (0, 30, 100)]
                          + [{"n_probe": budget_probe, "max_candidates": b} for b in (1000, 2000, 4000, 8000)
                             if b < n // 4])
     c.lock()

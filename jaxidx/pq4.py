@@ -133,3 +133,109 @@ def leaf_means(vectors: np.ndarray, row_offsets: np.ndarray) -> np.ndarray:
     csum = np.concatenate([np.zeros((1, vectors.shape[1])), np.cumsum(np.asarray(vectors, np.float64), axis=0)])
     sums = csum[row_offsets[1:]] - csum[row_offsets[:-1]]
     return np.where(sizes[:, None] > 0, sums / np.maximum(sizes, 1)[:, None], 0.0).astype(np.float32)
+
+
+def row_terms(row_codes: np.ndarray, codebooks: np.ndarray, centres: np.ndarray, row_offsets: np.ndarray,
+              block: int = 65536) -> np.ndarray:
+    """e_i = 2 c_b . r_i + ||r_i||^2 [n] float32 for rows with packed residual codes [n, M2] in leaf layout
+    (leaf b: rows row_offsets[b]:row_offsets[b+1], centre c_b) and r_i the decoded residual: what l2
+    search adds to -2 q . r_i + ||q - c_b||^2 to get ||q - c_b - r_i||^2, so that one table per query
+    serves every leaf (`reference.pq4_search`'s row_terms)."""
+    m, _, dsub = codebooks.shape
+    d = centres.shape[1]
+    leaf = np.repeat(np.arange(len(row_offsets) - 1), np.diff(np.asarray(row_offsets, np.int64)))
+    out = np.empty(len(row_codes), np.float32)
+    for s in range(0, len(row_codes), block):
+        codes = unpack_rows(row_codes[s:s + block], m).astype(np.int64)
+        r = codebooks[np.arange(m), codes].reshape(len(codes), m * dsub)[:, :d].astype(np.float64)  # [n, d]
+        c = centres[leaf[s:s + block]].astype(np.float64)
+        out[s:s + len(codes)] = 2.0 * np.einsum("nd,nd->n", c, r) + np.einsum("nd,nd->n", r, r)
+    return out
+
+
+# Per-query cost terms of the quantized search on one core, in ns (GloVe, BENCHMARKS.md "where a query's time
+# goes"): scanning one candidate's code costs SCAN_NS per sub-space; re-ranking a row RERANK_ROW_NS plus
+# RERANK_DIM_NS per dimension (a random row read, then a vectorised distance); each table entry TABLE_NS.
+SCAN_NS, RERANK_ROW_NS, RERANK_DIM_NS, TABLE_NS = 0.031, 100.0, 0.25, 1.0
+
+
+def _distances(q: np.ndarray, y: np.ndarray, metric: str) -> np.ndarray:
+    """Kernel-metric distances [len(q), len(y)] by one matrix product (l2 expanded: ||q||^2 - 2 q.y + ||y||^2)."""
+    dot = q @ y.T
+    return (q * q).sum(1)[:, None] - 2 * dot + (y * y).sum(1)[None] if metric == "l2" else -dot
+
+
+def _nearest_rows(x: np.ndarray, queries: np.ndarray, metric: str, k: int, block: int = 65536) -> np.ndarray:
+    """Kernel-metric distance of the k-th nearest base row to each query row (itself left out) [Q]."""
+    best = np.full((len(queries), 0), np.inf, np.float32)
+    q = x[queries]
+    for s in range(0, len(x), block):
+        y = x[s:s + block]
+        dist = _distances(q, y, metric)
+        mine = (queries >= s) & (queries < s + len(y))
+        dist[np.flatnonzero(mine), queries[mine] - s] = np.inf
+        best = np.sort(np.concatenate([best, np.sort(dist, 1)[:, :k]], 1), 1)[:, :k]
+    return best[:, -1]
+
+
+def choose_dims(vectors: np.ndarray, row_offsets: np.ndarray, metric: str, *, options=(1, 2, 4, 8, 16),
+                n_queries: int = 128, recall: float = 0.9, keep: float = 0.98, sample: int = 2048,
+                seed: int = 0) -> int:
+    """Dimensions per sub-space for residual codes of `vectors` (leaf layout, kernel metric 'l2' or 'ip'),
+    chosen by simulating the search on the data. `n_queries` seeded base rows are the queries (each left out
+    of its own answers); each probes the leaves nearest it by centre until `recall` of its 10 right answers
+    (rows as near as the exact 10th: binary rows tie often) are among the candidates. For every option,
+    codes from codebooks trained on a sample of residuals order each query's candidates; R is the rank
+    within which `keep` of the right answers fall (the reorder the codes need); the estimated time per
+    query is the scan (candidates x sub-spaces), the re-rank of R rows and the table (the *_NS costs).
+    The cheapest wins (ties: fewer dims). Few dims where distances concentrate (isotropic high-d rows),
+    many where rows are sparse or low-rank (bag-of-words rows) and the scan is most of the query."""
+    x = np.asarray(vectors, np.float32)
+    n, d = x.shape
+    row_offsets = np.asarray(row_offsets, np.int64)
+    sizes = np.diff(row_offsets)
+    centres = leaf_means(x, row_offsets)
+    leaf = np.repeat(np.arange(len(sizes)), sizes)
+    r = x - centres[leaf]
+    rng = np.random.default_rng(seed)
+    queries = rng.choice(n, min(n_queries, n), replace=False)
+    tenth = _nearest_rows(x, queries, metric, min(10, n - 1))
+
+    def score(q, rows, decoded=None):
+        """Kernel-metric distances of base row q to `rows` (exact, or from decoded residuals [rows, d])."""
+        return _distances(x[q][None], x[rows] if decoded is None else centres[leaf[rows]] + decoded, metric)[0]
+
+    centre_order = np.argsort(_distances(x[queries], centres, metric), axis=1, kind="stable")
+    cands, good = [], []
+    for i, q in enumerate(queries):  # leaves in centre order until `recall` of the right answers are in
+        order = centre_order[i][sizes[centre_order[i]] > 0]
+        rows = np.concatenate([np.arange(row_offsets[b], row_offsets[b + 1]) for b in order])
+        right = (score(q, rows) <= tenth[i] + 1e-5 * abs(tenth[i])) & (rows != q)  # rounding: products differ
+        found = np.cumsum(right)[np.cumsum(sizes[order]) - 1]
+        last = int(np.searchsorted(found, np.ceil(recall * min(10, right.sum()))))
+        n_rows = int(np.sum(sizes[order][:last + 1]))
+        keep_rows = rows[:n_rows] != q
+        cands.append(rows[:n_rows][keep_rows])
+        good.append(right[:n_rows][keep_rows])
+    union = np.unique(np.concatenate(cands))
+    position = np.full(n, -1, np.int64)
+    position[union] = np.arange(len(union))
+    train = r[rng.choice(n, min(sample, n), replace=False)]
+    mean_candidates = np.mean([len(c) for c in cands])
+    best, best_cost = options[0], np.inf
+    for dims in options:
+        if dims > max(1, d // 4) and dims != options[0]:
+            break
+        codebooks = train_codebooks(train, dims, n_iter=10, sample=0, seed=seed)
+        m = codebooks.shape[0]
+        decoded = codebooks[np.arange(m), encode(r[union], codebooks)].reshape(len(union), m * dims)[:, :d]
+        ranks = []  # per query, where the codes' order puts the first 10 right answers
+        for q, rows, ok in zip(queries, cands, good):
+            order = np.argsort(score(q, rows, decoded[position[rows]]), kind="stable")
+            ranks.append(np.flatnonzero(ok[order])[:10])
+        need = max(10.0, float(np.quantile(np.concatenate(ranks), keep)) + 1)
+        cost = (mean_candidates * m * SCAN_NS + need * (RERANK_ROW_NS + RERANK_DIM_NS * d)
+                + N_CENTROIDS * m * TABLE_NS)
+        if cost < best_cost:
+            best, best_cost = dims, cost
+    return best

@@ -6,14 +6,17 @@
 // byte v holds row 32 j + v's code of sub-space 2p in the low nibble and of 2p + 1 in the high nibble
 // (rows past the leaf's end are padding, never reported).
 //
-// Scores (the contract of jaxidx/search/reference.py, pq4_search): per query (and per leaf where the
-// table depends on the leaf centre) a float table lut[m][j] over sub-spaces m and centroids j,
-// quantized to bytes qlut = min(255, rint((lut - min_m) * scale)) with one scale per table; a row's
-// approximate value is float(sum_m qlut[m][code_m]) / scale + bias, where bias is the sum of the
-// minima (plus -q.c_b for inner products with residual codes). The sum is an exact integer (at most
-// 65535 by the choice of scale), so the SIMD kernel (byte shuffles, 16-bit lanes) and the portable loop
-// agree exactly. The `reorder` rows of smallest (approximate value, row) are re-ranked with the exact
-// distance of rerank_topk; ids returned are rows of `base`.
+// Scores (the contract of jaxidx/search/reference.py, pq4_search): per query one float table lut[m][j]
+// over sub-spaces m and centroids j, quantized to bytes qlut = min(255, rint((lut - min_m) * scale))
+// with one scale; a row's approximate value is float(sum_m qlut[m][code_m]) / scale + bias, where bias is
+// the sum of the minima plus, with residual codes (row = c_b + r), a leaf term (reduced as the exact
+// distances of rerank_topk): -q.c_b for inner products; for l2, ||q - c_b||^2, with the table of -(2q).centroid and the row's `row_terms` entry
+// e = 2 c_b.r + ||r||^2 added to its value (||q - c_b - r||^2 expanded), so no table is built per leaf:
+// a table per leaf costs 16 M entries, more than scanning a small leaf of long rows (10x slower on
+// 1836-d rows in leaves of 76), at the same recall. The sum is an exact integer (at most 65535 by the
+// choice of scale), so the SIMD kernel (byte shuffles, 16-bit lanes) and the portable loop agree
+// exactly. The `reorder` rows of smallest (approximate value, row) are re-ranked with the exact distance
+// of rerank_topk; ids returned are rows of `base`.
 #include <functional>
 
 #include "scan.h"
@@ -38,8 +41,8 @@ struct QuantTable {
     std::vector<float> mins;  // scratch: each sub-space's smallest entry
 };
 
-// lut[m * 16 + j]: inner products are negated (smaller = nearer). t is the query (minus the leaf centre for
-// l2 with residual codes) zero-padded to M * dsub; cbt the codebooks transposed to [M][dsub][16], so the
+// lut[m * 16 + j]: inner products are negated (smaller = nearer). t is the query (2q for l2 with residual
+// codes, scored as an inner product) zero-padded to M * dsub; cbt the codebooks transposed to [M][dsub][16], so the
 // 16 centroids are the inner (vectorised) loop. Terms in increasing dimension order, float32, no fused
 // multiply-add (as the reference).
 void build_lut(int metric, const float* t, const float* cbt, int64_t M, int64_t dsub, float* lut) {
@@ -61,9 +64,9 @@ void build_lut(int metric, const float* t, const float* cbt, int64_t M, int64_t 
     }
 }
 
-// The query (minus `centre` when given) zero-padded to M * dsub entries, into t.
-inline void table_input(const float* q, const float* centre, int64_t d, float* t) {
-    for (int64_t i = 0; i < d; ++i) t[i] = centre ? q[i] - centre[i] : q[i];
+// The query (times 2 when `twice`) zero-padded to M * dsub entries, into t.
+inline void table_input(const float* q, bool twice, int64_t d, float* t) {
+    for (int64_t i = 0; i < d; ++i) t[i] = twice ? 2.0f * q[i] : q[i];
 }
 
 void quantize_lut(const float* lut, int64_t M, QuantTable& t) {
@@ -182,21 +185,26 @@ void block_sums_portable(const uint8_t* block, int64_t M2, const uint8_t* table,
 }
 
 // The first n_rows rows of a leaf's blocks (rows first, first + 1, ...) into `top`, with the table's
-// bytes, scale and bias.
+// bytes, scale and bias, and each row's term (terms[v] for row first + v) added when terms is given.
 using BlockScanFn = void (*)(const uint8_t* blocks, int64_t n_rows, int64_t M2, const uint8_t* table, float scale,
-                             float bias, int32_t first, Reservoir& top);
+                             float bias, const float* terms, int32_t first, Reservoir& top);
 
 void scan_blocks_portable(const uint8_t* blocks, int64_t n_rows, int64_t M2, const uint8_t* table, float scale,
-                          float bias, int32_t first, Reservoir& top) {
+                          float bias, const float* terms, int32_t first, Reservoir& top) {
     uint32_t sums[kBlockRows];
     for (int64_t b = 0; b * kBlockRows < n_rows; ++b) {
-        const int64_t thr = sum_threshold(top.bound(), scale, bias);
+        const int64_t thr = terms ? 65535 : sum_threshold(top.bound(), scale, bias);
         if (thr < 0) return;
         block_sums_portable(blocks + b * M2 * 32, M2, table, sums);
         const int64_t valid = std::min(kBlockRows, n_rows - b * kBlockRows);
         for (int64_t v = 0; v < valid; ++v) {
-            if (sums[v] <= thr) {
-                top.push(static_cast<float>(sums[v]) / scale + bias, first + static_cast<int32_t>(b * kBlockRows + v));
+            const int64_t row = b * kBlockRows + v;
+            if (sums[v] > thr) continue;
+            const float value = static_cast<float>(sums[v]) / scale + bias;
+            if (!terms) {
+                top.push(value, first + static_cast<int32_t>(row));
+            } else if (!(value + terms[row] > top.bound())) {
+                top.push(value + terms[row], first + static_cast<int32_t>(row));
             }
         }
     }
@@ -230,27 +238,43 @@ __attribute__((target("avx2"))) inline void block_sums_avx2(const uint8_t* block
     }
 }
 
-// Offers the rows of one block (first `valid` of 32) whose sum is at most thr.
+// Offers the rows of one block (first `valid` of 32) whose sum is at most thr; with terms (the block's 32
+// rows' terms, valid of them real), the rows whose value plus term is not above the top's bound.
 __attribute__((target("avx2"))) inline void offer_block_avx2(__m256i even, __m256i odd, int64_t thr, int64_t valid,
-                                                             float scale, float bias, int32_t first, Reservoir& top) {
+                                                             float scale, float bias, const float* terms,
+                                                             int32_t first, Reservoir& top) {
     const __m256i tv = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(thr)));
     const uint32_t me = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(even, tv), even)));
     const uint32_t mo = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(odd, tv), odd)));
     uint32_t pass = (me & 0x55555555u) | ((mo & 0x55555555u) << 1);  // bit v: row v's sum <= thr
     if (valid < kBlockRows) pass &= (uint32_t{1} << valid) - 1;
     if (!pass) return;
-    // The 32 values at once (the same IEEE operations per lane as the scalar float(s) / scale + bias), so
-    // offers do not wait on a conversion and a division each.
+    // The 32 values at once (the same IEEE operations per lane as the scalar float(s) / scale + bias
+    // (+ term)), so offers do not wait on a conversion and a division each. Lane i of half h of a parity's
+    // sums is row 2 (8 h + i) + parity.
     alignas(32) float values[2][16];  // [row parity][row / 2]
     const __m256 sc = _mm256_set1_ps(scale), bi = _mm256_set1_ps(bias);
     const __m256i sums[2] = {even, odd};
+    const __m256 bound = _mm256_set1_ps(top.bound());
+    uint32_t below = 0;  // bit v: row v's value + term is not above the bound
     for (int parity = 0; parity < 2; ++parity) {
         for (int half = 0; half < 2; ++half) {
             const __m128i s16 = half ? _mm256_extracti128_si256(sums[parity], 1) : _mm256_castsi256_si128(sums[parity]);
             const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s16));
-            _mm256_store_ps(values[parity] + 8 * half, _mm256_add_ps(_mm256_div_ps(f, sc), bi));
+            __m256 value = _mm256_add_ps(_mm256_div_ps(f, sc), bi);
+            if (terms) {  // rows 16 h + 2 i + parity, i = 0..7: de-interleave two loads of 8
+                const __m256 t0 = _mm256_loadu_ps(terms + 16 * half), t1 = _mm256_loadu_ps(terms + 16 * half + 8);
+                const __m256 mixed = parity ? _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1))
+                                            : _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+                value = _mm256_add_ps(value, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mixed),
+                                                                                    _MM_SHUFFLE(3, 1, 2, 0))));
+                const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(value, bound, _CMP_NGT_UQ)));
+                for (int i = 0; i < 8; ++i) below |= ((m >> i) & 1u) << (2 * (8 * half + i) + parity);
+            }
+            _mm256_store_ps(values[parity] + 8 * half, value);
         }
     }
+    if (terms) pass &= below;
     for (; pass; pass &= pass - 1) {
         const int v = __builtin_ctz(pass);
         top.push(values[v & 1][v >> 1], first + v);
@@ -258,13 +282,14 @@ __attribute__((target("avx2"))) inline void offer_block_avx2(__m256i even, __m25
 }
 
 __attribute__((target("avx2"))) void scan_blocks_avx2(const uint8_t* blocks, int64_t n_rows, int64_t M2,
-                                                      const uint8_t* table, float scale, float bias, int32_t first,
-                                                      Reservoir& top) {
+                                                      const uint8_t* table, float scale, float bias,
+                                                      const float* terms, int32_t first, Reservoir& top) {
     constexpr int kGroup = 2;  // blocks summed together: the table loads are shared and the chains independent
     __m256i even[kGroup], odd[kGroup];
+    float tail[kBlockRows];
     const int64_t n_blocks = (n_rows + kBlockRows - 1) / kBlockRows;
     for (int64_t b = 0; b < n_blocks; b += kGroup) {
-        if (sum_threshold(top.bound(), scale, bias) < 0) return;
+        if (!terms && sum_threshold(top.bound(), scale, bias) < 0) return;
         const int64_t group = std::min<int64_t>(kGroup, n_blocks - b);
         switch (group) {
             case 4: block_sums_avx2<4>(blocks + b * M2 * 32, M2, table, even, odd); break;
@@ -273,9 +298,15 @@ __attribute__((target("avx2"))) void scan_blocks_avx2(const uint8_t* blocks, int
             default: block_sums_avx2<1>(blocks + b * M2 * 32, M2, table, even, odd);
         }
         for (int64_t i = 0; i < group; ++i) {
-            const int64_t thr = sum_threshold(top.bound(), scale, bias);
+            const int64_t thr = terms ? 65535 : sum_threshold(top.bound(), scale, bias);
             if (thr < 0) return;
-            offer_block_avx2(even[i], odd[i], thr, std::min(kBlockRows, n_rows - (b + i) * kBlockRows), scale, bias,
+            const int64_t valid = std::min(kBlockRows, n_rows - (b + i) * kBlockRows);
+            const float* block_terms = terms ? terms + (b + i) * kBlockRows : nullptr;
+            if (terms && valid < kBlockRows) {  // the leaf's last block: its terms, zero past its end (not read beyond)
+                std::fill(std::copy(block_terms, block_terms + valid, tail), tail + kBlockRows, 0.0f);
+                block_terms = tail;
+            }
+            offer_block_avx2(even[i], odd[i], thr, valid, scale, bias, block_terms,
                              first + static_cast<int32_t>((b + i) * kBlockRows), top);
         }
     }
@@ -290,20 +321,13 @@ BlockScanFn pick_block_scan() {
     return scan_blocks_portable;
 }
 
-// Sequential float32 dot product (the reference's np.cumsum order).
-inline float dot_sequential(const float* a, const float* b, int64_t d) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < d; ++i) acc += a[i] * b[i];
-    return acc;
-}
-
 }  // namespace
 
 py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, const py::object& codes_o,
                      const py::object& codebooks_o, const py::object& centres_o, const py::object& row_offsets_o,
                      const py::object& block_offsets_o, const py::object& leaves_o, const py::object& lens_o,
                      const py::object& reorder_o, const py::object& k_o, const py::object& metric_o,
-                     const py::object& n_threads) {
+                     const py::object& n_threads, const py::object& row_terms_o) {
     py::array q_a = require_array<float>(queries_o, "queries", 2);
     py::array x_a = require_array<float>(base_o, "base", 2);
     py::array c_a = require_array<uint8_t>(codes_o, "codes", 3);
@@ -335,9 +359,17 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
         require_shape(ce_a, "centres", 1, d, "queries' dimension");
         centres = data_of<float>(ce_a);
     }
+    const float* row_terms = nullptr;
+    if (!row_terms_o.is_none()) {
+        py::array rt_a = require_array<float>(row_terms_o, "row_terms", 1);
+        require_shape(rt_a, "row_terms", 0, N, "one term per base row");
+        row_terms = data_of<float>(rt_a);
+    }
     const int64_t k = require_k(k_o);
     const int64_t reorder = require_int(reorder_o, "reorder", k, kInt32Max, "must be in [k, 2^31 - 1]");
     const int metric = require_metric(metric_o);
+    if (row_terms && (metric != kL2 || !centres)) fail("row_terms", "only for l2 with residual codes (centres given)");
+    if (!row_terms && metric == kL2 && centres) fail("row_terms", "required for l2 with residual codes (pq4.row_terms)");
     const int threads = resolve_threads(require_threads(n_threads), Q);
     const int32_t* rows = data_of<int32_t>(ro_a);
     const int32_t* blocks = data_of<int32_t>(bo_a);
@@ -392,7 +424,6 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                 for (int64_t i = 0; i < dsub; ++i) cbt[(m * dsub + i) * kCentroids + j] = codebooks[(m * kCentroids + j) * dsub + i];
             }
         }
-        const bool per_leaf_table = centres && metric == kL2;
         parallel_for(Q, threads, 16, [&](int, int64_t q0, int64_t q1) {
             std::vector<float> lut(static_cast<size_t>(M * kCentroids)), t(static_cast<size_t>(M * dsub), 0.0f);
             QuantTable table;
@@ -403,26 +434,21 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
             std::vector<int32_t> best;
             for (int64_t q = q0; q < q1; ++q) {
                 const float* qv = qs + q * d;
-                if (!per_leaf_table) {
-                    table_input(qv, nullptr, d, t.data());
-                    build_lut(metric, t.data(), cbt.data(), M, dsub, lut.data());
-                    quantize_lut(lut.data(), M, table);
-                }
+                table_input(qv, row_terms, d, t.data());
+                build_lut(row_terms ? kIP : metric, t.data(), cbt.data(), M, dsub, lut.data());
+                quantize_lut(lut.data(), M, table);
                 approx.reset(static_cast<size_t>(reorder));
                 int64_t n_cand = 0;
                 for (int64_t p = 0; p < P; ++p) {
                     const int32_t b = leaves[q * P + p], n = lens[q * P + p];
                     if (b < 0 || n == 0) continue;
-                    if (per_leaf_table) {
-                        table_input(qv, centres + b * d, d, t.data());
-                        build_lut(metric, t.data(), cbt.data(), M, dsub, lut.data());
-                        quantize_lut(lut.data(), M, table);
-                    }
-                    // Inner products with residual codes: -q.(c_b + r) = -q.c_b + the table's value of r.
-                    const float bias = centres && !per_leaf_table ? table.bias - dot_sequential(qv, centres + b * d, d)
-                                                                  : table.bias;
+                    // Residual codes: inner products -q.(c_b + r) = -q.c_b + the table's value of r; l2
+                    // ||q - c_b||^2 + the table's value of r (-2q.r) + the row's term. The leaf's term in the
+                    // canonical lane order (vectorised: a sequential sum over d would cost more than the scan).
+                    const float bias = centres ? table.bias + exact_distance(metric, qv, centres + b * d, d)
+                                               : table.bias;
                     scan_blocks(codes + int64_t{blocks[b]} * M2 * 32, n, M2, table.bytes.data(), table.scale, bias,
-                                rows[b], approx);
+                                row_terms ? row_terms + rows[b] : nullptr, rows[b], approx);
                     n_cand += n;
                 }
                 approx.rows(best);  // the exact top-k does not depend on the order (ties by row)

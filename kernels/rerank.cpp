@@ -258,6 +258,10 @@ int require_metric(const py::object& metric_o) {
     fail("metric", "must be 'ip', 'cosine' or 'l2', got '" + name + "'");
 }
 
+float exact_distance(int metric, const float* q, const float* x, int64_t d) {
+    return metric == kL2 ? distance_portable<kL2>(q, x, d, 0.0f) : distance_portable<kIP>(q, x, d, 0.0f);
+}
+
 IdScanner::IdScanner(int metric, int64_t d)
     : metric_(metric), d_(d), scan_(pick_scan(metric)), qpad_(static_cast<size_t>((d + 7) / 8 * 8), 0.0f) {}
 

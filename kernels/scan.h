@@ -10,6 +10,10 @@ enum Metric { kIP = 0, kCosine = 1, kL2 = 2 };
 // "ip", "cosine" or "l2" as a Metric; anything else raises ValueError naming `metric`.
 int require_metric(const py::object& metric);
 
+// The distance of q to x (d floats each) for kIP or kL2, reduced in the canonical lane order as every scan
+// (reference.distances): one vector pair, for terms such as a query's distance to a leaf centre.
+float exact_distance(int metric, const float* q, const float* x, int64_t d);
+
 // Distances from a zero-padded query (its norm for cosine) to base rows given by id, into a TopK.
 using ScanFn = void (*)(const float* qpad, float qnorm, const float* base, int64_t d, const int32_t* ids, int64_t n,
                         TopK& top);

@@ -43,9 +43,11 @@ flags.DEFINE_bool("scann", False, "Include ScaNN (tree of B leaves, AH 2 dims/bl
                   "message when `scann` is not installed.")
 flags.DEFINE_list("reorder", "20,50,100,200,400", "ScaNN reorder sweep.")
 flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives an LMI index 4-bit PQ codes of this "
-                  "many dims per sub-space (LMIIndex.quantize) before searching, for settings with reorder; 0 = as "
-                  "trained. The same --workdir may be given twice with two values.")
+                  "many dims per sub-space (LMIIndex.quantize) before searching, for settings with reorder; 'auto' "
+                  "the dims pq4.choose_dims picks; 0 = as trained. The same --workdir may be given twice.")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
+flags.DEFINE_enum("recall", "recall@10", ["recall@10", "recall@10_distance"], "The summary's recall (not --suite, "
+                  "which counts by distance): by id, or by distance as ann-benchmarks (exact ties on binary rows).")
 flags.DEFINE_string("out", "out/bench_ann.json", "JSON result path; the plot goes beside it (.png).")
 flags.DEFINE_bool("suite", False, "Run every ANN method's auto preset on the robustness suite "
                   "(jaxidx.data.suite.SUITE) beside faiss IVF-Flat (LMI's bucket count) and hnswlib.")
@@ -67,11 +69,13 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         if i < len(settings):
             overrides["search.settings"] = json.loads(settings[i])
         apply_overrides(index.config, overrides)
-        dims = int(FLAGS.quantize[i]) if i < len(FLAGS.quantize) else 0
+        dims = FLAGS.quantize[i] if i < len(FLAGS.quantize) else "0"
+        dims = dims if dims == "auto" else int(dims)
         if dims and index.method != "lmi":
             raise ValueError(f"--quantize: only LMI indexes hold PQ codes; {wd} is {index.method}")
         if dims:
             index.quantize(dims)
+            dims = index.arrays["pq4_codebooks"].shape[2]
         data_i = load(data_spec or index.config.data)
         if data_i.fingerprint() != index.info["data_fingerprint"]:
             raise ValueError(f"--workdir {wd}: trained on other data than {data_spec or index.config.data}")
@@ -203,7 +207,7 @@ def main(argv):
     prows, pbuilds = peer_rows(data, nlist)
     rows += prows
     builds.update(pbuilds)
-    summary = suite_summary(rows, data.name, builds, key="recall@10")
+    summary = suite_summary(rows, data.name, builds, key=FLAGS.recall)
     out = {"machine": bench.machine(), "command": bench.command(), "data": data.name, "threads": FLAGS.threads,
            "n_queries": int(len(data.queries)), "build_seconds": builds, "rows": rows, "summary": summary}
     bench.write_json(FLAGS.out, out)

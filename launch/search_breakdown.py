@@ -57,12 +57,13 @@ def lmi_parts(index, prepared, setting: dict):
     }
     kernel = "re-rank kernel"
     if reorder:
-        codes, block_offsets = index.pq4_blocks()
+        codes, block_offsets, terms = index.pq4_blocks()
         a = index.arrays
 
         def pq4(r):
             return lambda: host.pq4_search(prepared, vectors, codes, a["pq4_codebooks"], a.get("pq4_centres"),
-                                           offsets, block_offsets, leaves, lens.astype("int32"), r, 10, metric, 1)
+                                           offsets, block_offsets, leaves, lens.astype("int32"), r, 10, metric, 1,
+                                           terms)
         kernel = f"pq4 kernel (reorder {reorder})"
         parts[kernel] = us_per_query(pq4(reorder), n)
         parts["pq4 kernel (reorder 10)"] = us_per_query(pq4(10), n)

@@ -46,7 +46,7 @@ LMI_CASES = [
     ("search.settings", [{"n_probe": 0}], "n_probe=0"),
     ("search.settings", [{"m": 2}], "n_probe=None"),
     ("search.settings", [{"n_probe": 2, "max_candidates": -1}], "max_candidates=-1"),
-    ("index.pq4_dims", -1, "index.pq4_dims"),
+    ("index.pq4_dims", -2, "index.pq4_dims"),
     ("search.settings", [{"n_probe": 2, "reorder": 50}], "set index.pq4_dims > 0"),  # tiny has no PQ codes
 ]
 ELIAS_CASES = [

@@ -24,14 +24,15 @@ def quantized_case(rng, metric="l2", residual=True, d=13, dsub=2, leaves=7, q=20
     codebooks = pq4.train_codebooks(base, dsub, n_iter=5)
     centres = pq4.leaf_means(base, offsets) if residual else None
     r = base - np.repeat(centres, sizes, 0) if residual else base
-    codes, block_offsets = pq4.block_layout(pq4.pack_rows(pq4.encode(r, codebooks)), offsets)
+    packed = pq4.pack_rows(pq4.encode(r, codebooks))
+    codes, block_offsets = pq4.block_layout(packed, offsets)
     probed = np.stack([rng.permutation(leaves)[:probes] for _ in range(q)]).astype(np.int32)
     probed[0, 1] = -1
     lens = np.where(probed >= 0, sizes[np.maximum(probed, 0)], 0).astype(np.int32)
     lens[1, 0] //= 2  # a budget that stops inside a leaf
     return dict(queries=rng.standard_normal((q, d)).astype(np.float32), base=base, codes=codes, codebooks=codebooks,
                 centres=centres, row_offsets=offsets, block_offsets=block_offsets, leaves=probed, lens=lens,
-                metric=metric)
+                metric=metric, row_terms=pq4.row_terms(packed, codebooks, centres, offsets) if residual and metric == "l2" else None)
 
 
 def assert_same(got, want):
@@ -73,6 +74,43 @@ def test_codebooks_recover_exact_centroids_and_encode_nearest():
         pq4.encode(x[:, :3], cents)
 
 
+def test_row_terms_complete_the_l2_distance():
+    """||q - c_b - r_i||^2 = ||q - c_b||^2 - 2 q . r_i + row_terms[i] for every row's decoded residual r_i."""
+    rng = np.random.default_rng(4)
+    offsets = np.array([0, 40, 40, 100], np.int32)
+    x = (rng.standard_normal((100, 7)) * 3 + 5).astype(np.float32)
+    centres = pq4.leaf_means(x, offsets)
+    leaf = np.repeat(np.arange(3), np.diff(offsets))
+    codebooks = pq4.train_codebooks(x - centres[leaf], 2, n_iter=5)
+    packed = pq4.pack_rows(pq4.encode(x - centres[leaf], codebooks))
+    r = codebooks[np.arange(4), pq4.unpack_rows(packed, 4)].reshape(100, 8)[:, :7]  # decoded residuals
+    q = rng.standard_normal(7).astype(np.float32)
+    want = ((q - centres[leaf] - r) ** 2).sum(1)
+    got = ((q - centres[leaf]) ** 2).sum(1) - 2 * r @ q + pq4.row_terms(packed, codebooks, centres, offsets)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+def _leaf_layout(x, n_leaves, rng):
+    """Rows grouped by nearest of n_leaves seeded rows: (rows in leaf layout, row_offsets)."""
+    c = x[rng.choice(len(x), n_leaves, replace=False)]
+    label = np.argmin(((x[:, None] - c[None]) ** 2).sum(-1), 1)
+    order = np.argsort(label, kind="stable")
+    return x[order], np.concatenate([[0], np.cumsum(np.bincount(label, minlength=n_leaves))]).astype(np.int32)
+
+
+def test_choose_dims_follows_the_data():
+    """Isotropic noise in 64 dims: distances concentrate and only 1 dim per sub-space keeps the order cheaply;
+    sparse binary rows (6 of a topic's 24 words out of 256): coarse codes keep it, so fewer sub-spaces win."""
+    rng = np.random.default_rng(0)
+    gauss = (rng.standard_normal((16, 64)) * 2)[rng.integers(0, 16, 4000)] + rng.standard_normal((4000, 64))
+    assert pq4.choose_dims(*_leaf_layout(gauss.astype(np.float32), 32, rng), "l2") == 1
+    words = rng.integers(0, 256, (16, 24))
+    rows = np.zeros((4000, 256), np.float32)
+    for i, topic in enumerate(rng.integers(0, 16, 4000)):
+        rows[i, rng.choice(words[topic], 6, replace=False)] = 1
+    assert pq4.choose_dims(*_leaf_layout(rows, 32, rng), "l2") >= 4
+
+
 def test_leaf_means_of_layout():
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     means = pq4.leaf_means(x, np.array([0, 2, 2, 6], np.int32))
@@ -82,7 +120,7 @@ def test_leaf_means_of_layout():
 # --- kernel against reference ------------------------------------------------------------------------
 @pytest.mark.parametrize("metric,residual,d,dsub", [("l2", True, 13, 2), ("l2", False, 16, 2), ("ip", True, 9, 3),
                                                     ("ip", False, 8, 1), ("cosine", False, 7, 2),
-                                                    ("l2", True, 50, 2)])
+                                                    ("l2", True, 50, 2), ("l2", True, 40, 1)])
 @pytest.mark.parametrize("reorder", [5, 40, 1000])
 def test_pq4_search_matches_reference(metric, residual, d, dsub, reorder):
     case = quantized_case(np.random.default_rng(d * 7 + reorder), metric, residual, d, dsub)
@@ -145,6 +183,10 @@ def _bad_cases():
         ("row_offsets", {"row_offsets": case["row_offsets"][::-1].copy()}),
         ("leaves", {"leaves": case["leaves"] + 10}), ("leaves", {"leaves": dup, "lens": dup_lens}),
         ("lens", {"lens": case["lens"] + 100}), ("reorder", {"reorder": 2}), ("metric", {"metric": "hamming"}),
+        ("row_terms", {"row_terms": np.zeros(len(case["base"]) - 1, np.float32)}),
+        ("row_terms", {"row_terms": np.zeros(len(case["base"]), np.float32), "metric": "ip"}),
+        ("row_terms", {"row_terms": np.zeros(len(case["base"]), np.float32), "centres": None}),
+        ("row_terms", {"row_terms": None}),
     ]
 
 
@@ -241,9 +283,8 @@ def test_bench_ann_quantized_lmi_beside_pq4_peers(lmi_run, tmp_path):
     assert lmi[True]["candidates_per_query"] == lmi[False]["candidates_per_query"]
 
 
-@pytest.mark.parametrize("metric,residual,dsub", [("l2", True, 2), ("l2", False, 3), ("ip", False, 2),
-                                                  ("cosine", False, 1)])
-def test_jax_twin_tables_and_values_match_reference(metric, residual, dsub):
+@pytest.mark.parametrize("metric,dsub", [("l2", 2), ("l2", 3), ("ip", 2), ("cosine", 1)])
+def test_jax_twin_tables_and_values_match_reference(metric, dsub):
     """device.pq4_table / pq4_values (jit, lookup-table gather) give the reference's tables, scales, biases
     and quantized scores (the integer sums) bit for bit on exactly representable inputs (quarters: no sum
     rounds), and to rounding on random floats (XLA may fuse a multiply-add); values to rounding."""
@@ -255,11 +296,10 @@ def test_jax_twin_tables_and_values_match_reference(metric, residual, dsub):
         draw = ((lambda *s: rng.integers(-8, 9, s).astype(np.float32) / 4) if exact
                 else (lambda *s: rng.standard_normal(s).astype(np.float32)))
         queries, codebooks = draw(6, d), draw(m, 16, dsub)
-        centres = draw(6, d) if residual else None
-        table, scale, bias = device.pq4_table(queries, codebooks, metric, centres)
+        table, scale, bias = device.pq4_table(queries, codebooks, metric)
         sums, values = map(np.asarray, device.pq4_values(table, scale, bias, codes))
         for i in range(len(queries)):
-            t, s, b = reference.pq4_table(queries[i], codebooks, metric, None if centres is None else centres[i])
+            t, s, b = reference.pq4_table(queries[i], codebooks, metric)
             want_sums = t[np.arange(m), codes.astype(np.int64)].sum(1)
             want = want_sums.astype(np.float32) / s + b
             np.testing.assert_allclose(values[i], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

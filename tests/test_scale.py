@@ -75,9 +75,10 @@ def test_auto_rules_follow_the_data():
     small = synthetic_ann(n_base=3000, n_queries=10, dim=16, n_clusters=10, seed=0)
     c = get_config("lmi", small)
     assert c.model.levels == (64,) and c.model.hidden == ((64,),) and c.train.epochs == 20
-    probes = [s["n_probe"] for s in c.search.settings if "max_candidates" not in s]
+    probes = [s["n_probe"] for s in c.search.settings if "max_candidates" not in s and "reorder" not in s]
     assert c.train.batch_size == 64 and probes[:5] == [1, 2, 3, 4, 6] and probes[-1] == 64  # up to every leaf
-    assert c.kmeans.balance == 2.0
+    assert c.kmeans.balance == 2.0 and c.index.pq4_dims == -1  # PQ codes, dims chosen from the data
+    assert [s.get("reorder", 0) for s in c.search.settings[:3]] == [0, 30, 100]  # each n_probe: floats and codes
     c = get_config("irli", small)
     assert (c.model.n_buckets, c.model.n_reps, c.train.max_train_points) == (64, 4, 0)
     big = synthetic_ann(n_base=200000, n_queries=10, dim=96, n_clusters=10, seed=0)

@@ -193,8 +193,8 @@ def validate_config(config, data) -> None:
     if t.node_batch_size < 0:
         raise ValueError(f"train.node_batch_size: must be >= 0 (0 = auto), got {t.node_batch_size}")
     pq4_dims = config.index.get("pq4_dims", 0)  # absent from configs saved before PQ codes existed
-    if pq4_dims < 0:
-        raise ValueError(f"index.pq4_dims: must be >= 0 (0 = no PQ codes), got {pq4_dims}")
+    if pq4_dims < -1:
+        raise ValueError(f"index.pq4_dims: must be >= -1 (0 = no PQ codes, -1 = chosen from the data), got {pq4_dims}")
     n_leaves = math.prod(levels)
     for s in config.search.settings:
         if not 1 <= s.get("n_probe", 0) <= n_leaves:
@@ -202,7 +202,7 @@ def validate_config(config, data) -> None:
         if s.get("max_candidates", 0) < 0:
             raise ValueError(f"search.settings: max_candidates={s['max_candidates']} must be >= 0 (0 = no budget)")
         if s.get("reorder", 0) and not pq4_dims:
-            raise ValueError(f"search.settings: reorder={s['reorder']} scans PQ codes; set index.pq4_dims > 0")
+            raise ValueError(f"search.settings: reorder={s['reorder']} scans PQ codes; set index.pq4_dims > 0 (or -1)")
 
 
 class LMI:
@@ -412,20 +412,26 @@ class LMIIndex(Index):
         index = cls(config, params, arrays, dict(info, dim=vectors.shape[1], n_items=n, next_id=n))
         log.info("LMI bucket sizes over %d leaves: %s", n_leaves, index.leaf_stats())
         if config.index.get("pq4_dims", 0):
-            index.quantize(config.index.pq4_dims, config.index.pq4_residual, seed=config.seed)
+            index.quantize("auto" if config.index.pq4_dims == -1 else config.index.pq4_dims,
+                           config.index.pq4_residual, seed=config.seed)
         return index
 
     @property
     def quantized(self) -> bool:
         return "pq4_codes" in self.arrays
 
-    def quantize(self, dims: int = 2, residual: bool = True, sample: int = 65536, seed: int = 0) -> "LMIIndex":
+    def quantize(self, dims: int | str = 2, residual: bool = True, sample: int = 65536, seed: int = 0) -> "LMIIndex":
         """Add 4-bit PQ codes of every row (`jaxidx.pq4`: `dims` dimensions per sub-space, 16 centroids
         each, trained on a seeded sample of `sample` rows; residual = codes of x minus its leaf's mean),
-        which the setting `reorder` > 0 searches. Returns the index; `save` keeps the codes."""
-        if not is_int(dims) or dims < 1:
-            raise ValueError(f"quantize: dims={dims!r} must be an integer >= 1 (dimensions per sub-space)")
+        which the setting `reorder` > 0 searches. dims="auto" (residual codes): `pq4.choose_dims`, from a
+        simulated search on the data. Returns the index; `save` keeps the codes."""
         offsets, x = self.arrays["offsets"][0], self.arrays["vectors"]
+        if dims == "auto" and residual:
+            dims = pq4.choose_dims(x, offsets, kernel_metric(self.metric), seed=seed)
+            log.info("PQ codes: %d dims per sub-space (pq4.choose_dims)", dims)
+        if not is_int(dims) or dims < 1:
+            raise ValueError(f"quantize: dims={dims!r} must be an integer >= 1 (dimensions per sub-space), or "
+                             "'auto' with residual codes")
         centres = pq4.leaf_means(x, offsets) if residual else None
         r = x - np.repeat(centres, self.sizes(), axis=0) if residual else x
         codebooks = pq4.train_codebooks(r, dims, sample=sample, seed=seed)
@@ -512,10 +518,10 @@ class LMIIndex(Index):
             lv, q = leaves[s:s + RERANK_QUERIES], queries[s:s + RERANK_QUERIES]
             lens = select_leaves(sizes, lv, setting.get("max_candidates", 0))
             if reorder:
-                codes, block_offsets = self.pq4_blocks()
+                codes, block_offsets, terms = self.pq4_blocks()
                 rows, d, n = kernels.pq4_search(q, self.arrays["vectors"], codes, self.arrays["pq4_codebooks"],
                                                 self.arrays.get("pq4_centres"), offsets, block_offsets, lv,
-                                                lens.astype(np.int32), reorder, k, metric, threads)
+                                                lens.astype(np.int32), reorder, k, metric, threads, terms)
             else:
                 rows, d, n = kernels.rerank_topk(q, self.arrays["vectors"], candidate_runs(offsets, lv, lens), k,
                                                  metric, threads)
@@ -524,10 +530,15 @@ class LMIIndex(Index):
             n_cand.append(n)
         return SearchResult(ids=np.concatenate(ids), scores=np.concatenate(dist), n_candidates=np.concatenate(n_cand))
 
-    def pq4_blocks(self) -> tuple[np.ndarray, np.ndarray]:
-        """The PQ codes in the fast-scan kernel's layout (`pq4.block_layout`), built once per change."""
+    def pq4_blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The PQ codes in the fast-scan kernel's layout (`pq4.block_layout`) and, for l2 with residual
+        codes, each row's term (`pq4.row_terms`), built once per change."""
         if self._blocks is None:
-            self._blocks = pq4.block_layout(self.arrays["pq4_codes"], self.arrays["offsets"][0])
+            a, offsets = self.arrays, self.arrays["offsets"][0]
+            centres = a.get("pq4_centres")
+            terms = (pq4.row_terms(a["pq4_codes"], a["pq4_codebooks"], centres, offsets)
+                     if centres is not None and kernel_metric(self.metric) == "l2" else None)
+            self._blocks = (*pq4.block_layout(a["pq4_codes"], offsets), terms)
         return self._blocks
 
     # --- device backend -------------------------------------------------------------------------

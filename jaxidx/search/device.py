@@ -218,15 +218,13 @@ def _sequential_sum(x):
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
-def pq4_table(queries, codebooks, metric, centres=None):
-    """reference.pq4_table for a batch: queries [Q, d] (and one centre per query [Q, d] for l2 residual
-    codes) -> (table int32 [Q, M, 16], scale [Q], bias [Q]). The same bits as the reference and the C++
+def pq4_table(queries, codebooks, metric):
+    """reference.pq4_table for a batch: queries [Q, d] -> (table int32 [Q, M, 16], scale [Q], bias [Q]). The same bits as the reference and the C++
     kernel where the table's sums round nothing (exactly representable inputs); elsewhere XLA may fuse a
     product and its sum into one multiply-add (one rounding instead of two), a last-bit difference."""
     m, _, dsub = codebooks.shape
     q, d = queries.shape
-    t = queries - centres if metric == "l2" and centres is not None else queries
-    t = jnp.pad(t, ((0, 0), (0, m * dsub - d))).reshape(q, m, 1, dsub)
+    t = jnp.pad(queries, ((0, 0), (0, m * dsub - d))).reshape(q, m, 1, dsub)
     acc = jnp.zeros((q, m, 16), jnp.float32)
     for i in range(dsub):
         term = t[..., i] - codebooks[None, :, :, i] if metric == "l2" else t[..., i] * codebooks[None, :, :, i]

@@ -325,11 +325,11 @@ def _seq_sum(x):
     return np.cumsum(np.asarray(x, np.float32), dtype=np.float32)[-1] if len(x) else np.float32(0)
 
 
-def pq4_table(query, codebooks, metric, centre=None):
+def pq4_table(query, codebooks, metric):
     """One query's quantized table: (bytes [M, 16] int64, scale, bias) float32 scalars.
 
-    The float table lut[m, j] sums the sub-space's terms in dimension order, float32 (query and
-    centre zero past d): l2 ((q - centre) - c)^2 (q - c without a centre), ip and cosine -(q . c).
+    The float table lut[m, j] sums the sub-space's terms in dimension order, float32 (the query zero
+    past d): l2 (q - c)^2, ip and cosine -(q . c).
     Each row is shifted by its minimum and scaled by one scale = min(255 / largest row range,
     (65535 - M) / sum of row ranges), rounded half to even and capped at 255, so a sum over the M
     sub-spaces stays below 2^16; a row's value is then float32(sum) / scale + bias with bias the sum
@@ -337,8 +337,6 @@ def pq4_table(query, codebooks, metric, centre=None):
     m, _, dsub = codebooks.shape
     q = np.zeros(m * dsub, np.float32)
     q[:len(query)] = query
-    if metric == "l2" and centre is not None:
-        q[:len(query)] = query - centre
     q = q.reshape(m, 1, dsub)
     acc = np.zeros((m, 16), np.float32)
     for i in range(dsub):
@@ -355,7 +353,7 @@ def pq4_table(query, codebooks, metric, centre=None):
 
 
 def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens, reorder, k,
-               metric="ip", n_threads=0):
+               metric="ip", n_threads=0, row_terms=None):
     """Probed leaves scored from 4-bit PQ codes, the best `reorder` re-ranked exactly.
 
     base float32 [N, d] in leaf layout (leaf b: rows row_offsets[b]:row_offsets[b+1], int32 [L+1]);
@@ -365,8 +363,12 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
     centres float32 [L, d] (residual codes) or None; leaves int32 [Q, P] (-1 = none, no leaf twice per
     query) and lens int32 [Q, P] (the first lens rows of each probed leaf are its candidates; 0 where
     -1). A candidate's approximate value is float32(sum over sub-spaces of its table bytes) / scale +
-    bias (`pq4_table`; the table is per leaf for l2 with centres, and for ip / cosine with centres the
-    bias also has -(q . centre) summed in dimension order). The `reorder` candidates of smallest
+    bias (`pq4_table`, one per query; with centres the bias also has the leaf's `distances(q, centre)`:
+    -(q . centre) for ip and cosine). l2 with centres needs row_terms float32 [N] (`jaxidx.pq4.row_terms`: 2 centre .
+    r + ||r||^2 of each row's decoded residual r): the table is `pq4_table(2 q, codebooks, "ip")` (-2 q .
+    centroid) and a row's value (float32(sum) / scale + (bias + ||q - centre||^2)) + row_terms[row],
+    ||q - centre - r||^2 expanded. The
+    `reorder` candidates of smallest
     (value, row) go to `rerank_topk`'s exact distance; reorder >= k. Returns (rows [Q, k], dist
     [Q, k], n_candidates [Q]). n_threads is unused."""
     for a, name, dt, nd in ((queries, "queries", np.float32, 2), (base, "base", np.float32, 2),
@@ -386,6 +388,13 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
         raise ValueError(f"reorder: must be in [k, 2^31 - 1], got {reorder}")
     if centres is not None:
         check_array(centres, "centres", np.float32, 2)
+    if row_terms is not None:
+        check_array(row_terms, "row_terms", np.float32, 1)
+        check_axis(row_terms, "row_terms", 0, base.shape[0], "one term per base row")
+        if metric != "l2" or centres is None:
+            raise ValueError("row_terms: only for l2 with residual codes (centres given)")
+    elif metric == "l2" and centres is not None:
+        raise ValueError("row_terms: required for l2 with residual codes (pq4.row_terms)")
     leaf = np.repeat(np.arange(len(row_offsets) - 1), np.diff(row_offsets))  # each row's leaf
     pos = np.arange(len(leaf)) - row_offsets[leaf]                             # and place in it
     packed = codes[block_offsets[leaf] + pos // 32, :, pos % 32]               # [N, ceil(M / 2)]
@@ -395,19 +404,19 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
     best = np.full((Q, reorder), -1, np.int32)
     n_cand = np.zeros(Q, np.int32)
     for q in range(Q):
-        shared = pq4_table(queries[q], codebooks, metric)
+        shared = (pq4_table(2 * queries[q], codebooks, "ip") if row_terms is not None
+                  else pq4_table(queries[q], codebooks, metric))
         values, rows = [], []
         for b, n in zip(leaves[q], lens[q]):
             if b < 0 or n == 0:
                 continue
             table, scale, bias = shared
-            if centres is not None and metric == "l2":
-                table, scale, bias = pq4_table(queries[q], codebooks, metric, centres[b])
-            elif centres is not None:
-                bias = bias - _seq_sum(queries[q] * centres[b])
+            if centres is not None:
+                bias = bias + distances(queries[q], centres[b], "l2" if metric == "l2" else "ip")
             r = np.arange(row_offsets[b], row_offsets[b] + n)
             sums = table[np.arange(m), row_codes[r]].sum(1)
-            values.append(sums.astype(np.float32) / scale + bias)
+            value = sums.astype(np.float32) / scale + bias
+            values.append(value + row_terms[r] if row_terms is not None else value)
             rows.append(r.astype(np.int32))
             n_cand[q] += n
         if rows:
