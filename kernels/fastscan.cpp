@@ -10,8 +10,9 @@
 // over sub-spaces m and centroids j, quantized to bytes qlut = min(255, rint((lut - min_m) * scale))
 // with one scale; a row's approximate value is float(sum_m qlut[m][code_m]) / scale + bias, where bias is
 // the sum of the minima plus, with residual codes (row = c_b + r), a leaf term (reduced as the exact
-// distances of rerank_topk): -q.c_b for inner products; for l2, ||q - c_b||^2, with the table of -(2q).centroid and the row's `row_terms` entry
-// e = 2 c_b.r + ||r||^2 added to its value (||q - c_b - r||^2 expanded), so no table is built per leaf:
+// distances of rerank_topk): -q.c_b for inner products; for l2, ||q - c_b||^2, with the table of
+// -(2q).centroid and the row's `row_terms` entry e = 2 c_b.r + ||r||^2 added to its value
+// (||q - c_b - r||^2 expanded), so no table is built per leaf:
 // a table per leaf costs 16 M entries, more than scanning a small leaf of long rows (10x slower on
 // 1836-d rows in leaves of 76), at the same recall. The sum is an exact integer (at most 65535 by the
 // choice of scale), so the SIMD kernel (byte shuffles, 16-bit lanes) and the portable loop agree
@@ -42,8 +43,8 @@ struct QuantTable {
 };
 
 // lut[m * 16 + j]: inner products are negated (smaller = nearer). t is the query (2q for l2 with residual
-// codes, scored as an inner product) zero-padded to M * dsub; cbt the codebooks transposed to [M][dsub][16], so the
-// 16 centroids are the inner (vectorised) loop. Terms in increasing dimension order, float32, no fused
+// codes, scored as an inner product) zero-padded to M * dsub; cbt the codebooks transposed to
+// [M][dsub][16], so the 16 centroids are the inner (vectorised) loop. Terms in increasing dimension order, float32, no fused
 // multiply-add (as the reference).
 void build_lut(int metric, const float* t, const float* cbt, int64_t M, int64_t dsub, float* lut) {
     for (int64_t m = 0; m < M; ++m) {

@@ -32,7 +32,8 @@ def quantized_case(rng, metric="l2", residual=True, d=13, dsub=2, leaves=7, q=20
     lens[1, 0] //= 2  # a budget that stops inside a leaf
     return dict(queries=rng.standard_normal((q, d)).astype(np.float32), base=base, codes=codes, codebooks=codebooks,
                 centres=centres, row_offsets=offsets, block_offsets=block_offsets, leaves=probed, lens=lens,
-                metric=metric, row_terms=pq4.row_terms(packed, codebooks, centres, offsets) if residual and metric == "l2" else None)
+                metric=metric,
+                row_terms=pq4.row_terms(packed, codebooks, centres, offsets) if residual and metric == "l2" else None)
 
 
 def assert_same(got, want):
