@@ -34,6 +34,9 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.partition.center_sample = 0       # > 0: that mean over a seeded sample of this many items (0 = all)
     c.train.knn_k = 10                  # ANN: neighbours per training point (its labels)
     c.train.max_train_points = 0        # ANN: train on a seeded sample of the base (0 = all)
+    c.index = ml_collections.ConfigDict()
+    c.index.pq4_dims = 0  # ANN, > 0: also store a 4-bit PQ code of every vector, this many dimensions per
+                          # sub-space, which search settings with reorder > 0 scan (-1 = chosen from the data)
     return c
 
 
@@ -122,8 +125,10 @@ def auto(data) -> ml_collections.ConfigDict:
     max(d, B) within 64..256, trained on at most 50K sampled points, fewer past N = 500K so that their
     exact neighbours (O(sample x N)) stay under 2.5e10 distances (at least 20K points), for 8 epochs,
     re-partitioned every 2 (every 4 past N = 500K: each pass routes all N items) with bucket centres from
-    64K items, loads capped at 1.5x the mean; m swept in steps of at most 1.5x (`probe_sweep`, as IVF's
-    nprobe) up to min(32, B / 2), each with min_count 1 and 2.
+    64K items, loads capped at 1.5x the mean; a 4-bit PQ code per vector with the dims per sub-space
+    `pq4.choose_dims` picks from a simulated search; m swept in steps of at most 1.5x (`probe_sweep`, as
+    IVF's nprobe) up to min(32, B / 2), each on the float rows with min_count 1 and 2, and on the codes
+    with reorder 30, 100 and 300 (codes of the vectors, not residuals: coarser than LMI's, so one more step).
     XMC (L labels, D features): B = the power of two near 2 sqrt(L) (the scaling rule: routing R H B
     against candidates R m L / B), R 16 below 10K labels else 8, K 4 up to 64 buckets else 10, hidden
     512 for dense inputs (D <= 4096) else 256, 20 epochs re-partitioned every 5; m swept, MACH up to 100K labels.
@@ -138,7 +143,10 @@ def auto(data) -> ml_collections.ConfigDict:
                        max_train_points=train if train < n else 0)
         # Each re-partition routes all N items through the R networks (about 50 s at N = 1M on 2 cores).
         c.partition.update(repartition_every=2 if n <= 500000 else 4, center_sample=65536)
-        c.search.settings = [{"m": m, "min_count": mc} for m in probe_sweep(max(1, min(32, B // 2))) for mc in (1, 2)]
+        c.index.pq4_dims = -1
+        probes = probe_sweep(max(1, min(32, B // 2)))
+        c.search.settings = ([{"m": m, "min_count": mc} for m in probes for mc in (1, 2)]
+                             + [{"m": m, "reorder": r} for m in probes for r in (30, 100, 300)])
     else:
         L = data.n_labels
         B = max(2, pow2_near(2 * math.sqrt(L)))

@@ -75,6 +75,45 @@ def train_codebooks(x: np.ndarray, dsub: int = 2, *, n_iter: int = 20, sample: i
     return np.asarray(_lloyd(jnp.asarray(x), jnp.asarray(init), dsub, n_iter), np.float32)
 
 
+def fit_codes(x: np.ndarray, dims: int, *, sample: int = 65536, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(codebooks [M, 16, dims], packed codes [n, ceil(M / 2)]) of the rows of x: `train_codebooks` on a
+    seeded sample, then every row encoded and packed (`pack_rows`). What an index stores to quantize."""
+    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
+        raise ValueError(f"quantize: dims={dims!r} must be an integer >= 1 (dimensions per sub-space), or 'auto'")
+    codebooks = train_codebooks(x, int(dims), sample=sample, seed=seed)
+    return codebooks, pack_rows(encode(x, codebooks))
+
+
+def check_config(config) -> None:
+    """`index.pq4_dims` (0 none, -1 chosen from the data, else dims per sub-space) and the search
+    settings' `reorder` (which scans the codes, so needs them)."""
+    index = config.get("index", {})
+    pq4_dims = index.get("pq4_dims", 0)  # absent from configs saved before PQ codes existed
+    if pq4_dims < -1:
+        raise ValueError(f"index.pq4_dims: must be >= -1 (0 = no PQ codes, -1 = chosen from the data), got {pq4_dims}")
+    for s in config.search.settings:
+        reorder = s.get("reorder", 0)
+        if reorder < 0:
+            raise ValueError(f"search.settings: reorder={reorder} must be >= 0 (0 = scan the float rows)")
+        if reorder and not pq4_dims:
+            raise ValueError(f"search.settings: reorder={reorder} scans PQ codes; set index.pq4_dims > 0 (or -1)")
+
+
+def check_reorder(setting: dict, quantized: bool) -> int:
+    """A search setting's `reorder` (0 = float rows; > 0 = codes, the best `reorder` re-ranked exactly),
+    checked against what the index holds; returns it."""
+    reorder = setting.get("reorder", 0)
+    if isinstance(reorder, bool) or not isinstance(reorder, (int, np.integer)) or reorder < 0:
+        raise ValueError(f"search: reorder={reorder!r} must be an integer >= 0 (0 = scan the float rows)")
+    if reorder and not quantized:
+        raise ValueError("search: reorder > 0 scores candidates from PQ codes, which this index does not hold: "
+                         "call index.quantize() (or train with --config.index.pq4_dims=-1)")
+    if reorder and setting.get("backend", "host") != "host":
+        raise ValueError("search: reorder > 0 (PQ codes) runs on backend='host' only; the device backend "
+                         "scans float rows (reorder=0)")
+    return int(reorder)
+
+
 @partial(jax.jit, static_argnums=(2,))
 def _encode_block(x, codebooks, dsub):
     return _nearest(_split(x, dsub), codebooks).T
@@ -178,10 +217,11 @@ def _nearest_rows(x: np.ndarray, queries: np.ndarray, metric: str, k: int, block
     return best[:, -1]
 
 
-def choose_dims(vectors: np.ndarray, row_offsets: np.ndarray, metric: str, *, options=(1, 2, 4, 8, 16),
-                n_queries: int = 128, recall: float = 0.9, keep: float = 0.98, sample: int = 2048,
-                seed: int = 0) -> int:
-    """Dimensions per sub-space for residual codes of `vectors` (leaf layout, kernel metric 'l2' or 'ip'),
+def choose_dims(vectors: np.ndarray, row_offsets: np.ndarray, metric: str, *, residual: bool = True,
+                options=(1, 2, 4, 8, 16), n_queries: int = 128, recall: float = 0.9, keep: float = 0.98,
+                sample: int = 2048, seed: int = 0) -> int:
+    """Dimensions per sub-space for residual codes of `vectors` (leaf layout, kernel metric 'l2' or 'ip';
+    residual=False: codes of the vectors themselves),
     chosen by simulating the search on the data. `n_queries` seeded base rows are the queries (each left out
     of its own answers); each probes the leaves nearest it by centre until `recall` of its 10 right answers
     (rows as near as the exact 10th: binary rows tie often) are among the candidates. For every option,
@@ -196,14 +236,16 @@ def choose_dims(vectors: np.ndarray, row_offsets: np.ndarray, metric: str, *, op
     sizes = np.diff(row_offsets)
     centres = leaf_means(x, row_offsets)
     leaf = np.repeat(np.arange(len(sizes)), sizes)
-    r = x - centres[leaf]
+    r = x - centres[leaf] if residual else x
     rng = np.random.default_rng(seed)
     queries = rng.choice(n, min(n_queries, n), replace=False)
     tenth = _nearest_rows(x, queries, metric, min(10, n - 1))
 
     def score(q, rows, decoded=None):
         """Kernel-metric distances of base row q to `rows` (exact, or from decoded residuals [rows, d])."""
-        return _distances(x[q][None], x[rows] if decoded is None else centres[leaf[rows]] + decoded, metric)[0]
+        if decoded is not None:
+            decoded = centres[leaf[rows]] + decoded if residual else decoded
+        return _distances(x[q][None], x[rows] if decoded is None else decoded, metric)[0]
 
     centre_order = np.argsort(_distances(x[queries], centres, metric), axis=1, kind="stable")
     cands, good = [], []

@@ -18,6 +18,12 @@
 // choice of scale), so the SIMD kernel (byte shuffles, 16-bit lanes) and the portable loop agree
 // exactly. The `reorder` rows of smallest (approximate value, row) are re-ranked with the exact distance
 // of rerank_topk; ids returned are rows of `base`.
+//
+// With row_ids (codes of the rows themselves, no centres), row_offsets count slots instead of rows: leaf
+// b's slots are row_offsets[b]..row_offsets[b+1], slot s holds base row row_ids[s], and a row may fill
+// slots of several leaves (IRLI: one leaf per repetition and bucket), every copy with the same codes. A
+// row is offered to the top once per query (a stamp per row), so the result is that of scoring each
+// distinct probed row once; n_candidates counts the slots scanned.
 #include <functional>
 
 #include "scan.h"
@@ -123,7 +129,14 @@ inline void select_largest(uint64_t* a, size_t len, size_t n) {
 // heap (TopK) costs a sift per offer.
 class Reservoir {
   public:
-    void reset(size_t n) {
+    // Offers name slots, mapped to rows by ids (a row offered once per `tag`, marked in stamp [rows]); no
+    // ids: slots are rows.
+    void map_slots(const int32_t* ids, int32_t* stamp) {
+        ids_ = ids;
+        stamp_ = stamp;
+    }
+    void reset(size_t n, int32_t tag = 0) {
+        tag_ = tag;
         n_ = n;
         keys_.clear();
         keys_.reserve(2 * n);
@@ -131,9 +144,15 @@ class Reservoir {
         bound_key_ = 0;
     }
     float bound() const { return bound_; }
-    void push(float value, int32_t row) {
+    void push(float value, int32_t slot) {
+        int32_t row = slot;
+        if (ids_) {
+            row = ids_[slot];
+            if (stamp_[row] == tag_) return;  // offered already, with the same value (same codes)
+        }
         const uint64_t key = rank_key(-value, row);
         if (key < bound_key_) return;  // n kept rows rank first
+        if (ids_) stamp_[row] = tag_;
         keys_.push_back(key);
         if (keys_.size() == 2 * n_) cut();
     }
@@ -158,6 +177,9 @@ class Reservoir {
     }
 
     size_t n_ = 0;
+    int32_t tag_ = 0;
+    const int32_t* ids_ = nullptr;
+    int32_t* stamp_ = nullptr;
     float bound_ = INFINITY;
     uint64_t bound_key_ = 0;
     std::vector<uint64_t> keys_;
@@ -328,7 +350,7 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                      const py::object& codebooks_o, const py::object& centres_o, const py::object& row_offsets_o,
                      const py::object& block_offsets_o, const py::object& leaves_o, const py::object& lens_o,
                      const py::object& reorder_o, const py::object& k_o, const py::object& metric_o,
-                     const py::object& n_threads, const py::object& row_terms_o) {
+                     const py::object& n_threads, const py::object& row_terms_o, const py::object& row_ids_o) {
     py::array q_a = require_array<float>(queries_o, "queries", 2);
     py::array x_a = require_array<float>(base_o, "base", 2);
     py::array c_a = require_array<uint8_t>(codes_o, "codes", 3);
@@ -366,6 +388,15 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
         require_shape(rt_a, "row_terms", 0, N, "one term per base row");
         row_terms = data_of<float>(rt_a);
     }
+    const int32_t* row_ids = nullptr;
+    int64_t n_slots = N;
+    if (!row_ids_o.is_none()) {
+        py::array ri_a = require_array<int32_t>(row_ids_o, "row_ids", 1);
+        if (centres) fail("row_ids", "only with codes of the rows themselves (centres None)");
+        row_ids = data_of<int32_t>(ri_a);
+        n_slots = ri_a.shape(0);
+        if (n_slots > kInt32Max) fail("row_ids", "more than 2^31 - 1 slots");
+    }
     const int64_t k = require_k(k_o);
     const int64_t reorder = require_int(reorder_o, "reorder", k, kInt32Max, "must be in [k, 2^31 - 1]");
     const int metric = require_metric(metric_o);
@@ -398,7 +429,16 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                                           std::to_string(int64_t{blocks[b + 1]} - blocks[b]) + " blocks (expected ceil(rows / 32))");
             }
         }
-        if (rows[L] != N) fail("row_offsets", "last entry " + std::to_string(rows[L]) + " != base rows " + std::to_string(N));
+        if (rows[L] != n_slots) {
+            fail("row_offsets", "last entry " + std::to_string(rows[L]) + " != " + (row_ids ? "row_ids entries " : "base rows ") +
+                                    std::to_string(n_slots));
+        }
+        for (int64_t s = 0; row_ids && s < n_slots; ++s) {
+            if (row_ids[s] < 0 || row_ids[s] >= N) {
+                fail("row_ids", "entry " + std::to_string(s) + " is " + std::to_string(row_ids[s]) + ", outside [0, " +
+                                    std::to_string(N) + ")");
+            }
+        }
         if (blocks[L] != n_blocks) fail("block_offsets", "last entry " + std::to_string(blocks[L]) + " != codes blocks " +
                                                              std::to_string(n_blocks));
         std::vector<int64_t> seen(static_cast<size_t>(L), -1);  // a leaf probed twice by one query
@@ -432,13 +472,14 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
             TopK exact(false);
             exact.reserve(static_cast<size_t>(k));
             IdScanner scanner(metric, d);
-            std::vector<int32_t> best;
+            std::vector<int32_t> best, stamp(row_ids ? static_cast<size_t>(N) : 0, -1);
+            approx.map_slots(row_ids, stamp.data());
             for (int64_t q = q0; q < q1; ++q) {
                 const float* qv = qs + q * d;
                 table_input(qv, row_terms, d, t.data());
                 build_lut(row_terms ? kIP : metric, t.data(), cbt.data(), M, dsub, lut.data());
                 quantize_lut(lut.data(), M, table);
-                approx.reset(static_cast<size_t>(reorder));
+                approx.reset(static_cast<size_t>(reorder), static_cast<int32_t>(q));
                 int64_t n_cand = 0;
                 for (int64_t p = 0; p < P; ++p) {
                     const int32_t b = leaves[q * P + p], n = lens[q * P + p];

@@ -29,7 +29,7 @@ py::tuple pq4_search(const py::object& queries, const py::object& base, const py
                      const py::object& codebooks, const py::object& centres, const py::object& row_offsets,
                      const py::object& block_offsets, const py::object& leaves, const py::object& lens,
                      const py::object& reorder, const py::object& k, const py::object& metric,
-                     const py::object& n_threads, const py::object& row_terms);
+                     const py::object& n_threads, const py::object& row_terms, const py::object& row_ids);
 
 py::array balanced_assign(const py::object& candidates, const py::object& n_buckets, const py::object& order,
                           const py::object& capacity, const py::object& initial_counts, const py::object& n_choices,

@@ -19,7 +19,7 @@ PYBIND11_MODULE(_kernels, m) {
     m.def("pq4_search", &jaxidx::pq4_search, py::arg("queries"), py::arg("base"), py::arg("codes"),
           py::arg("codebooks"), py::arg("centres"), py::arg("row_offsets"), py::arg("block_offsets"),
           py::arg("leaves"), py::arg("lens"), py::arg("reorder"), py::arg("k"), py::arg("metric"),
-          py::arg("n_threads"), py::arg("row_terms"));
+          py::arg("n_threads"), py::arg("row_terms"), py::arg("row_ids"));
     m.def("balanced_assign", &jaxidx::balanced_assign, py::arg("candidates"), py::arg("n_buckets"),
           py::arg("order"), py::arg("capacity"), py::arg("initial_counts"), py::arg("n_choices"),
           py::arg("n_threads"));

@@ -42,8 +42,8 @@ flags.DEFINE_list("k_factor", "2,5,10,20,40", "faiss IVF-PQ4fs refine sweep (can
 flags.DEFINE_bool("scann", False, "Include ScaNN (tree of B leaves, AH 2 dims/block, reorder); skipped with a "
                   "message when `scann` is not installed.")
 flags.DEFINE_list("reorder", "20,50,100,200,400", "ScaNN reorder sweep.")
-flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives an LMI index 4-bit PQ codes of this "
-                  "many dims per sub-space (LMIIndex.quantize) before searching, for settings with reorder; 'auto' "
+flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives an LMI or IRLI index 4-bit PQ codes of "
+                  "this many dims per sub-space (`quantize`) before searching, for settings with reorder; 'auto' "
                   "the dims pq4.choose_dims picks; 0 = as trained. The same --workdir may be given twice.")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
 flags.DEFINE_enum("recall", "recall@10", ["recall@10", "recall@10_distance"], "The summary's recall (not --suite, "
@@ -71,8 +71,8 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         apply_overrides(index.config, overrides)
         dims = FLAGS.quantize[i] if i < len(FLAGS.quantize) else "0"
         dims = dims if dims == "auto" else int(dims)
-        if dims and index.method != "lmi":
-            raise ValueError(f"--quantize: only LMI indexes hold PQ codes; {wd} is {index.method}")
+        if dims and index.task != "ann":
+            raise ValueError(f"--quantize: only ANN indexes hold PQ codes; {wd} is an {index.task.upper()} index")
         if dims:
             index.quantize(dims)
             dims = index.arrays["pq4_codebooks"].shape[2]

@@ -36,6 +36,27 @@ def quantized_case(rng, metric="l2", residual=True, d=13, dsub=2, leaves=7, q=20
                 row_terms=pq4.row_terms(packed, codebooks, centres, offsets) if residual and metric == "l2" else None)
 
 
+def repeated_case(rng, metric="l2", d=12, dsub=2, n=150, reps=3, buckets=5, q=16, probes=2):
+    """IRLI's layout: `reps` partitions of the same n rows into `buckets`, one leaf per (repetition,
+    bucket), slots row_ids listing each leaf's rows, every copy with the row's own codes."""
+    base = rng.standard_normal((n, d)).astype(np.float32)
+    codebooks = pq4.train_codebooks(base, dsub, n_iter=5)
+    packed = pq4.pack_rows(pq4.encode(base, codebooks))
+    assign = rng.integers(0, buckets, (reps, n))
+    assign[0, :40] = 0  # one bucket over a block
+    order = np.argsort(assign, axis=1, kind="stable")
+    row_ids = order.ravel().astype(np.int32)
+    sizes = np.stack([np.bincount(a, minlength=buckets) for a in assign]).ravel()
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
+    codes, block_offsets = pq4.block_layout(packed[row_ids], offsets)
+    probed = np.stack([np.concatenate([r * buckets + rng.permutation(buckets)[:probes] for r in range(reps)])
+                       for _ in range(q)]).astype(np.int32)
+    lens = sizes[probed].astype(np.int32)
+    return dict(queries=rng.standard_normal((q, d)).astype(np.float32), base=base, codes=codes, codebooks=codebooks,
+                centres=None, row_offsets=offsets, block_offsets=block_offsets, leaves=probed, lens=lens,
+                metric=metric, row_ids=row_ids)
+
+
 def assert_same(got, want):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.tobytes() == w.tobytes()
@@ -130,15 +151,36 @@ def test_pq4_search_matches_reference(metric, residual, d, dsub, reorder):
     np.testing.assert_array_equal(want[2], case["lens"].sum(1))
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("reorder", [4, 30, 1000])
+def test_pq4_search_rows_in_several_leaves(metric, reorder):
+    """row_ids (IRLI's repetitions): kernel and reference agree; a row probed in several leaves is scored
+    once (re-ranking every candidate is the exact search over the distinct rows); slots are counted."""
+    case = repeated_case(np.random.default_rng(reorder), metric)
+    got = host.pq4_search(**case, reorder=reorder, k=4, n_threads=2)
+    assert_same(got, reference.pq4_search(**case, reorder=reorder, k=4))
+    np.testing.assert_array_equal(got[2], case["lens"].sum(1))
+    if reorder == 1000:
+        rows = [np.unique(np.concatenate([case["row_ids"][case["row_offsets"][b]:case["row_offsets"][b + 1]]
+                                          for b in leaves])) for leaves in case["leaves"]]
+        lens = np.array([len(r) for r in rows])
+        runs = (np.concatenate([[0], np.cumsum(lens)]).astype(np.int64), np.concatenate(rows).astype(np.int32),
+                np.ones(lens.sum(), np.int32))
+        assert_same(got[:2], host.rerank_topk(case["queries"], case["base"], runs, 4, metric)[:2])
+        assert (got[0] >= 0).all() and all(len(set(r)) == 4 for r in got[0])
+
+
 def test_pq4_search_portable_path_matches_reference():
     """The non-AVX2 block loop (forced with JAXIDX_NO_AVX2) gives the same bits."""
     code = """
 import numpy as np
-from test_pq4 import quantized_case, assert_same
+from test_pq4 import quantized_case, repeated_case, assert_same
 from jaxidx.search import host, reference
 for i, (metric, residual) in enumerate([("l2", True), ("ip", True), ("l2", False)]):
     case = quantized_case(np.random.default_rng(i), metric, residual, d=11, dsub=2)
     assert_same(host.pq4_search(**case, reorder=12, k=4, n_threads=1), reference.pq4_search(**case, reorder=12, k=4))
+case = repeated_case(np.random.default_rng(9), "ip", d=11)
+assert_same(host.pq4_search(**case, reorder=12, k=4, n_threads=1), reference.pq4_search(**case, reorder=12, k=4))
 """
     env = dict(os.environ, JAXIDX_NO_AVX2="1")
     here = os.path.dirname(__file__)
@@ -188,6 +230,8 @@ def _bad_cases():
         ("row_terms", {"row_terms": np.zeros(len(case["base"]), np.float32), "metric": "ip"}),
         ("row_terms", {"row_terms": np.zeros(len(case["base"]), np.float32), "centres": None}),
         ("row_terms", {"row_terms": None}),
+        ("row_ids", {"row_ids": np.arange(len(case["base"]), dtype=np.int32)}),  # with centres
+        ("row_ids", {"row_ids": np.arange(len(case["base"])), "centres": None, "row_terms": None}),  # int64
     ]
 
 
@@ -197,6 +241,21 @@ def test_pq4_search_validation(backend):
     for name, change in bad:
         if backend == "reference" and name in ("block_offsets", "row_offsets", "leaves", "lens"):
             continue  # the reference checks dtypes, shapes and options; the kernel also checks the layout
+        with pytest.raises(ValueError, match=name):
+            BACKENDS[backend].pq4_search(**{**case, "reorder": 10, "k": 4, **change})
+
+
+@pytest.mark.parametrize("backend", ["host", "reference"])
+def test_pq4_search_row_ids_validation(backend):
+    case = repeated_case(np.random.default_rng(4))
+    bad_ids = case["row_ids"].copy()
+    bad_ids[7] = len(case["base"])
+    bad = [("row_ids", {"row_ids": bad_ids}), ("row_offsets", {"row_ids": case["row_ids"][:-1]})]
+    if backend == "reference":  # the reference alone checks that copies carry the same codes
+        codes = case["codes"].copy()
+        codes[case["block_offsets"][-2]] ^= 1  # the last leaf's first block
+        bad = [("codes", {"codes": codes})]
+    for name, change in bad:
         with pytest.raises(ValueError, match=name):
             BACKENDS[backend].pq4_search(**{**case, "reorder": 10, "k": 4, **change})
 
@@ -310,3 +369,73 @@ def test_jax_twin_tables_and_values_match_reference(metric, dsub):
                 np.testing.assert_array_equal(sums[i], want_sums)
             else:
                 assert np.abs(np.asarray(table[i]) - t).max() <= 1  # a byte may round the other way
+
+
+# --- IRLI -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def irli_index(tmp_path_factory):
+    from helpers import load_config
+    from jaxidx.runner import train_and_evaluate
+    wd = str(tmp_path_factory.mktemp("irli_pq4"))
+    config = load_config("configs/irli.py:tiny", **{"index.pq4_dims": 2})
+    train_and_evaluate(config, wd, progress=False)
+    return jaxidx.load(wd), jaxidx.data.load(config.data)
+
+
+def test_irli_quantized_search_close_to_float_search(irli_index, tmp_path):
+    """reorder scores the m routed buckets of every repetition from the codes: re-ranking all of them is the
+    float search at min_count 1 (the same union of members); a small reorder stays close to it."""
+    index, data = irli_index
+    assert index.quantized and index.arrays["pq4_codes"].shape == (data.n_items, 4)  # 16 dims: 8 sub-spaces
+    exact_ids, _ = index.search(data.queries, 10, m=3, min_count=1)
+    ids, _ = index.search(data.queries, 10, m=3, reorder=10_000)  # min_count defaults to 1 with reorder
+    np.testing.assert_array_equal(ids, exact_ids)
+    res = index.query(index._prepare(data.queries), index.resolve_setting({"m": 3, "reorder": 80}), 10)
+    overlap = {}
+    for reorder in (10, 80):  # of about 800 distinct candidates; the tiny set's isotropic clusters are hard for PQ
+        ids, _ = index.search(data.queries, 10, m=3, reorder=reorder)
+        overlap[reorder] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact_ids)])
+    assert overlap[80] > 0.9 and overlap[10] < overlap[80]
+    # The slots scanned: every member of the R x m routed buckets, a vector counted once per repetition.
+    sizes = np.diff(index.arrays["offsets"], axis=1)
+    buckets, _ = index.route(index._prepare(data.queries), 3)
+    np.testing.assert_array_equal(res.n_candidates, np.take_along_axis(sizes[None], buckets, 2).sum((1, 2)))
+    again = jaxidx.load(index.save(str(tmp_path / "saved")))
+    np.testing.assert_array_equal(again.search(data.queries, 10, m=3, reorder=80)[0], ids)
+
+
+def test_irli_quantized_add_remove_and_errors(irli_index, tmp_path):
+    index, data = irli_index
+    index = jaxidx.load(index.save(str(tmp_path / "a")))  # a copy: the module's index stays as trained
+    new_ids = index.add(data.base[:5] + 0.01)
+    ids, _ = index.search(data.base[:5] + 0.01, 1, m=2, reorder=1000)
+    np.testing.assert_array_equal(ids[:, 0], new_ids)
+    a = index.arrays  # every row's code, added ones included, is its vector's code under the stored codebooks
+    np.testing.assert_array_equal(a["pq4_codes"], pq4.pack_rows(pq4.encode(a["vectors"], a["pq4_codebooks"])))
+    index.remove(new_ids)
+    assert not np.isin(index.search(data.base[:5] + 0.01, 3, m=2, reorder=20)[0], new_ids).any()
+    assert index.arrays["pq4_codes"].shape[0] == len(index)
+    for setting, match in [({"reorder": 5}, "reorder=5 must be at least k=10"),
+                           ({"reorder": 20, "min_count": 2}, "min_count must be 1"),
+                           ({"reorder": 20, "backend": "device"}, "backend='host' only"),
+                           ({"reorder": -1}, "reorder=-1 must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            index.search(data.queries, 10, m=2, **setting)
+    plain = jaxidx.load(index.save(str(tmp_path / "b")))
+    plain.arrays = {k: v for k, v in plain.arrays.items() if not k.startswith("pq4_")}
+    with pytest.raises(ValueError, match="call index.quantize"):
+        plain.search(data.queries, 10, m=2, reorder=20)
+    ids, _ = plain.quantize(dims="auto").search(data.queries, 10, m=2, reorder=10_000)
+    np.testing.assert_array_equal(ids, plain.search(data.queries, 10, m=2, min_count=1)[0])
+
+
+def test_irli_pq4_config_errors():
+    from helpers import load_config
+    from jaxidx.methods.irli import validate_config
+    config = load_config("configs/irli.py:tiny", **{"search.settings": [{"m": 2, "reorder": 20}]})
+    with pytest.raises(ValueError, match="reorder=20 scans PQ codes; set index.pq4_dims"):
+        validate_config(config, 3000)
+    config = load_config("configs/irli.py:tiny", **{"index.pq4_dims": 2,
+                                                    "search.settings": [{"m": 2, "min_count": 2, "reorder": 20}]})
+    with pytest.raises(ValueError, match="min_count must be 1"):
+        validate_config(config, 3000)

@@ -81,6 +81,8 @@ def test_auto_rules_follow_the_data():
     assert [s.get("reorder", 0) for s in c.search.settings[:3]] == [0, 30, 100]  # each n_probe: floats and codes
     c = get_config("irli", small)
     assert (c.model.n_buckets, c.model.n_reps, c.train.max_train_points) == (64, 4, 0)
+    assert c.index.pq4_dims == -1 and {s.get("reorder", 0) for s in c.search.settings} == {0, 30, 100, 300}
+    assert all(s.get("min_count", 1) == 1 for s in c.search.settings if s.get("reorder"))  # codes rank, no hit count
     big = synthetic_ann(n_base=200000, n_queries=10, dim=96, n_clusters=10, seed=0)
     c = get_config("lmi", big)
     assert c.model.levels == (512,) and c.model.hidden == ((512,),) and c.train.epochs == 10
@@ -99,5 +101,6 @@ def test_auto_rules_follow_the_data():
     assert c.model.layout == "sparse" and c.train.label_optimizer == "auto"  # [batch, K] arrays, lazy label rows
     c = get_config("irli", x)
     assert c.model.n_buckets == 64 and c.model.n_reps == 16 and c.partition.top_k == 4
+    assert c.index.pq4_dims == 0 and not any(s.get("reorder") for s in c.search.settings)  # labels: no codes
     with pytest.raises(ValueError, match="auto preset sizes itself from the data"):
         get_config("lmi")

@@ -3,6 +3,12 @@ buckets the networks prefer, load-balanced (Gupta et al., IRLI; BLISS for ANN).
 
 Items are labels (XMC) or base vectors (ANN; each base vector is a label whose
 positives are the training points it is a true neighbour of).
+
+A quantized ANN index (`IRLIIndex.quantize`, or `index.pq4_dims` in the config)
+also holds one 4-bit PQ code per vector (`jaxidx.pq4`); the setting `reorder` > 0
+then scores every member of the m routed buckets of each repetition from the
+codes (`pq4_search` with row_ids: a vector found in several repetitions is scored
+once), in place of counting hits, and re-ranks the `reorder` best exactly.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import optax
 import scipy.sparse as sp
 from jax.sharding import PartitionSpec as P
 
+from jaxidx import pq4
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData, XMCData
 from jaxidx.data.ann import normalize_rows
@@ -80,6 +87,7 @@ def validate_config(config, n_items: int) -> None:
         raise ValueError(f"partition.repartition_every: must be >= 0, got {p.repartition_every}")
     if m.loss not in ("bce", "softmax"):
         raise ValueError(f"model.loss: unknown {m.loss!r}; valid: bce, softmax")
+    pq4.check_config(config)
     for s in config.search.settings:
         if s.get("mode", "topk") not in ("topk", "mach"):
             raise ValueError(f"search.settings: mode={s['mode']!r} unknown; valid: topk, mach")
@@ -91,6 +99,9 @@ def validate_config(config, n_items: int) -> None:
             raise ValueError(f"search.settings: m={s['m']} must be in [1, model.n_buckets={m.n_buckets}]")
         if not 1 <= s.get("min_count", 1) <= m.n_reps:
             raise ValueError(f"search.settings: min_count={s['min_count']} must be in [1, model.n_reps={m.n_reps}]")
+        if s.get("reorder", 0) and s.get("min_count", 1) > 1:
+            raise ValueError(f"search.settings: {dict(s)}: reorder > 0 ranks the routed buckets' members by their "
+                             "codes instead of counting hits; min_count must be 1")
 
 
 class IRLI:
@@ -129,6 +140,8 @@ class IRLI:
         else:
             raise TypeError(f"IRLI: unsupported data {type(data).__name__}")
         validate_config(config, self.n_items)
+        if self.task == "xmc" and config.get("index", {}).get("pq4_dims", 0):
+            raise ValueError("index.pq4_dims: PQ codes quantize vectors; an XMC index holds labels (set it to 0)")
         self.model = router_model(config, self.n_features)
         self.n_train = n_rows(self.inputs)
         self.batch_size = config.train.batch_size
@@ -299,11 +312,13 @@ class IRLIIndex(Index):
     [N, d] (laid out in repetition 0's bucket order, so its buckets are contiguous), `ids` [N] int64 the
     item id of each row, `input_center` [d] and `input_scale` [] (the routers see (x - center) / scale),
     and `center` [R, B] (each bucket's mean logit over the items, once `add` has needed it). Bytes per
-    vector: 4 d + 8 + 4 R, as faiss IVF-Flat's 4 d + 8 plus R memberships.
+    vector: 4 d + 8 + 4 R, as faiss IVF-Flat's 4 d + 8 plus R memberships. Quantized (`quantize`):
+    `pq4_codebooks` [M, 16, dims] and `pq4_codes` [N, ceil(M / 2)] (rows as `vectors`), plus, in memory
+    only, the codes laid out per repetition's bucket (R ceil(M / 2) bytes per vector, `pq4_blocks`).
     """
 
     method = "irli"
-    setting_keys = ("m", "min_count", "mode")
+    setting_keys = ("m", "min_count", "mode", "reorder")
 
     def __init__(self, config, params, arrays, info):
         super().__init__(config, params, arrays, info)
@@ -314,6 +329,7 @@ class IRLIIndex(Index):
         self._route_fn = partial(route_topm, self.model.apply, kind=m.loss)
         self._route = jax.jit(self._route_fn, static_argnames="m")
         self.params = jax.device_put(self.params)
+        self._blocks = None  # the PQ codes in the fast-scan kernel's layout (built on first use)
 
     @classmethod
     def from_training(cls, config, params, aux, task: str, in_dim: int, n_features: int,
@@ -326,7 +342,53 @@ class IRLIIndex(Index):
         scaling = {k: np.asarray(aux[k], np.float32) for k in ("input_center", "input_scale") if k in aux}
         arrays = {"vectors": np.ascontiguousarray(vectors[order], np.float32), "ids": order.astype(np.int64),
                   **_csr(np.ascontiguousarray(assign[:, order]), config.model.n_buckets), **scaling}
-        return cls(config, params, arrays, dict(info, next_id=len(order)))
+        index = cls(config, params, arrays, dict(info, next_id=len(order)))
+        dims = config.get("index", {}).get("pq4_dims", 0)
+        if dims:
+            index.quantize("auto" if dims == -1 else dims, seed=config.seed)
+        return index
+
+    @property
+    def quantized(self) -> bool:
+        return "pq4_codes" in self.arrays
+
+    def quantize(self, dims: int | str = "auto", sample: int = 65536, seed: int = 0) -> "IRLIIndex":
+        """Add a 4-bit PQ code of every vector (`jaxidx.pq4`: `dims` dimensions per sub-space, 16 centroids
+        each, trained on a seeded sample of `sample` rows), which the setting `reorder` > 0 searches. The
+        codes are of the vectors themselves, not residuals: a vector sits in R buckets (one per
+        repetition) and keeps one code, so it scores the same wherever it is found. dims="auto":
+        `pq4.choose_dims` on repetition 0's buckets. Returns the index; `save` keeps the codes."""
+        if self.task != "ann":
+            raise TypeError("quantize: PQ codes quantize vectors; an XMC index holds labels")
+        x = self.arrays["vectors"]
+        if dims == "auto":
+            dims = pq4.choose_dims(x, self.arrays["offsets"][0], kernel_metric(self.metric), residual=False, seed=seed)
+            log.info("PQ codes: %d dims per sub-space (pq4.choose_dims)", dims)
+        codebooks, codes = pq4.fit_codes(x, dims, sample=sample, seed=seed)
+        self.arrays.update(pq4_codebooks=codebooks, pq4_codes=codes)
+        self._blocks = None
+        return self
+
+    def pq4_blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The codes in the fast-scan kernel's layout, one leaf per (repetition r, bucket b), leaf r B + b:
+        (codes blocks, block_offsets, slot_offsets [R B + 1], row_ids [R N]: the rows of each leaf's
+        slots, repetition r's members), built once per change."""
+        if self._blocks is None:
+            offsets, members = self.arrays["offsets"], self.arrays["members"]
+            n = members.shape[1]
+            slots = np.concatenate([offsets[0]] + [offsets[r, 1:] + r * n for r in range(1, self.n_reps)])
+            slots = slots.astype(np.int32)
+            row_ids = np.ascontiguousarray(members.ravel(), np.int32)
+            self._blocks = (*pq4.block_layout(self.arrays["pq4_codes"][row_ids], slots), slots, row_ids)
+        return self._blocks
+
+    def resolve_setting(self, setting: dict) -> dict:
+        """As `Index.resolve_setting`; a setting that asks for codes (reorder > 0) without naming min_count
+        gets min_count 1 (the codes rank the members in place of the hit count)."""
+        out = super().resolve_setting(setting)
+        if setting.get("reorder", 0) and "min_count" not in setting:
+            out["min_count"] = 1
+        return out
 
     def _check_setting(self, setting: dict) -> None:
         mode = setting.get("mode", "topk")
@@ -342,6 +404,11 @@ class IRLIIndex(Index):
         if not is_int(min_count) or not 1 <= min_count <= self.n_reps:
             raise ValueError(f"search: min_count={min_count!r} must be an integer in [1, {self.n_reps}] "
                              "(the repetitions)")
+        if self.task == "xmc" and setting.get("reorder", 0):
+            raise ValueError("search: reorder > 0 scans PQ codes of vectors; an XMC index holds labels")
+        if pq4.check_reorder(setting, self.quantized) and min_count > 1:
+            raise ValueError(f"search: min_count={min_count} with reorder > 0: the codes rank the routed buckets' "
+                             "members in place of the hit count; min_count must be 1")
 
     def _prepare(self, queries, what: str = "queries"):
         if self.task == "xmc":
@@ -377,9 +444,19 @@ class IRLIIndex(Index):
             top, score, _, n_cand = kernels.merge_topk(ids, scores, offsets, members, None, k, min_count, "sum",
                                                        len(self), n_threads)
             return SearchResult(ids=top, scores=score, n_candidates=n_cand)
-        # ANN: every item hit in >= min_count repetitions (relaxed until k exist) is re-ranked exactly.
-        rows, dist, n_cand = kernels.merge_rerank_topk(queries, self.arrays["vectors"], ids, offsets, members, k,
-                                                       min_count, kernel_metric(self.metric), n_threads)
+        reorder, metric = setting.get("reorder", 0), kernel_metric(self.metric)
+        if reorder:  # the routed buckets' members ranked by their codes, the `reorder` best re-ranked exactly
+            if reorder < k:
+                raise ValueError(f"search: reorder={reorder} must be at least k={k} (the candidates re-ranked exactly)")
+            codes, block_offsets, slots, row_ids = self.pq4_blocks()
+            leaves = (ids + self.n_buckets * np.arange(self.n_reps)[:, None]).reshape(len(ids), -1).astype(np.int32)
+            rows, dist, n_cand = kernels.pq4_search(queries, self.arrays["vectors"], codes, self.arrays["pq4_codebooks"],
+                                                    None, slots, block_offsets, leaves,
+                                                    np.diff(slots)[leaves].astype(np.int32), reorder, k, metric,
+                                                    n_threads, None, row_ids)
+        else:  # every item hit in >= min_count repetitions (relaxed until k exist) is re-ranked exactly
+            rows, dist, n_cand = kernels.merge_rerank_topk(queries, self.arrays["vectors"], ids, offsets, members, k,
+                                                           min_count, metric, n_threads)
         top = np.where(rows >= 0, self.arrays["ids"][np.maximum(rows, 0)], -1)
         return SearchResult(ids=top, scores=dist, n_candidates=n_cand)
 
@@ -482,8 +559,10 @@ class IRLIIndex(Index):
         new_assign = kernels.balanced_assign(cand, self.n_buckets, capacity=capacity, initial_counts=counts,
                                              n_choices=K)
         new_ids = np.arange(self.info["next_id"], self.info["next_id"] + len(x), dtype=np.int64)
+        codes = (np.concatenate([self.arrays["pq4_codes"], pq4.pack_rows(pq4.encode(x, self.arrays["pq4_codebooks"]))])
+                 if self.quantized else None)  # the new vectors' codes with the index's codebooks
         self._relayout(np.concatenate([self.arrays["vectors"], x]), np.concatenate([self.arrays["ids"], new_ids]),
-                       np.concatenate([self._row_buckets(), new_assign], axis=1))
+                       np.concatenate([self._row_buckets(), new_assign], axis=1), codes)
         self.info["next_id"] = int(new_ids[-1]) + 1
         return new_ids
 
@@ -493,7 +572,8 @@ class IRLIIndex(Index):
             return super().remove(ids)
         keep = np.ones(len(self.arrays["ids"]), bool)
         keep[rows_of_ids(self.arrays["ids"], ids)] = False
-        self._relayout(self.arrays["vectors"][keep], self.arrays["ids"][keep], self._row_buckets()[:, keep])
+        self._relayout(self.arrays["vectors"][keep], self.arrays["ids"][keep], self._row_buckets()[:, keep],
+                       self.arrays["pq4_codes"][keep] if self.quantized else None)
 
     def _row_buckets(self) -> np.ndarray:
         """The bucket of every row in every repetition [R, N], read off the CSR."""
@@ -503,10 +583,15 @@ class IRLIIndex(Index):
             out[r, members[r]] = np.repeat(np.arange(self.n_buckets, dtype=np.int32), np.diff(offsets[r]))
         return out
 
-    def _relayout(self, vectors, ids, assign) -> None:
+    def _relayout(self, vectors, ids, assign, codes=None) -> None:
+        """The arrays of rows `vectors`, `ids`, `codes` (quantized) in repetition 0's bucket order, the CSR of
+        their buckets `assign` [R, N]; the PQ blocks are rebuilt on next use."""
         order = np.argsort(assign[0], kind="stable")
         self.arrays.update(vectors=np.ascontiguousarray(vectors[order]), ids=ids[order],
                            **_csr(np.ascontiguousarray(assign[:, order]), self.n_buckets))
+        if codes is not None:
+            self.arrays["pq4_codes"] = np.ascontiguousarray(codes[order])
+        self._blocks = None
         self.info["n_items"] = len(ids)
         if self._sharded is not None:  # the shards whose items changed follow
             self._sharded.update(self._row_buckets(), self.arrays["ids"], self.arrays["vectors"])

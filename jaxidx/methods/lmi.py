@@ -192,17 +192,13 @@ def validate_config(config, data) -> None:
         raise ValueError(f"train.target_temperature: must be >= 0 (0 = hard labels), got {t.target_temperature}")
     if t.node_batch_size < 0:
         raise ValueError(f"train.node_batch_size: must be >= 0 (0 = auto), got {t.node_batch_size}")
-    pq4_dims = config.index.get("pq4_dims", 0)  # absent from configs saved before PQ codes existed
-    if pq4_dims < -1:
-        raise ValueError(f"index.pq4_dims: must be >= -1 (0 = no PQ codes, -1 = chosen from the data), got {pq4_dims}")
+    pq4.check_config(config)
     n_leaves = math.prod(levels)
     for s in config.search.settings:
         if not 1 <= s.get("n_probe", 0) <= n_leaves:
             raise ValueError(f"search.settings: n_probe={s.get('n_probe')} must be in [1, {n_leaves} leaves]")
         if s.get("max_candidates", 0) < 0:
             raise ValueError(f"search.settings: max_candidates={s['max_candidates']} must be >= 0 (0 = no budget)")
-        if s.get("reorder", 0) and not pq4_dims:
-            raise ValueError(f"search.settings: reorder={s['reorder']} scans PQ codes; set index.pq4_dims > 0 (or -1)")
 
 
 class LMI:
@@ -423,19 +419,16 @@ class LMIIndex(Index):
     def quantize(self, dims: int | str = 2, residual: bool = True, sample: int = 65536, seed: int = 0) -> "LMIIndex":
         """Add 4-bit PQ codes of every row (`jaxidx.pq4`: `dims` dimensions per sub-space, 16 centroids
         each, trained on a seeded sample of `sample` rows; residual = codes of x minus its leaf's mean),
-        which the setting `reorder` > 0 searches. dims="auto" (residual codes): `pq4.choose_dims`, from a
-        simulated search on the data. Returns the index; `save` keeps the codes."""
+        which the setting `reorder` > 0 searches. dims="auto": `pq4.choose_dims`, from a simulated search
+        on the data. Returns the index; `save` keeps the codes."""
         offsets, x = self.arrays["offsets"][0], self.arrays["vectors"]
-        if dims == "auto" and residual:
-            dims = pq4.choose_dims(x, offsets, kernel_metric(self.metric), seed=seed)
+        if dims == "auto":
+            dims = pq4.choose_dims(x, offsets, kernel_metric(self.metric), residual=residual, seed=seed)
             log.info("PQ codes: %d dims per sub-space (pq4.choose_dims)", dims)
-        if not is_int(dims) or dims < 1:
-            raise ValueError(f"quantize: dims={dims!r} must be an integer >= 1 (dimensions per sub-space), or "
-                             "'auto' with residual codes")
         centres = pq4.leaf_means(x, offsets) if residual else None
         r = x - np.repeat(centres, self.sizes(), axis=0) if residual else x
-        codebooks = pq4.train_codebooks(r, dims, sample=sample, seed=seed)
-        self.arrays.update(pq4_codebooks=codebooks, pq4_codes=pq4.pack_rows(pq4.encode(r, codebooks)))
+        codebooks, codes = pq4.fit_codes(r, dims, sample=sample, seed=seed)
+        self.arrays.update(pq4_codebooks=codebooks, pq4_codes=codes)
         self.arrays.pop("pq4_centres", None)
         if residual:
             self.arrays["pq4_centres"] = centres
@@ -457,15 +450,7 @@ class LMIIndex(Index):
             raise ValueError(f"search: max_candidates={budget!r} must be an integer >= 0 (0 = no budget)")
         if setting.get("route", "learned") not in self.ROUTES:
             raise ValueError(f"search: route={setting['route']!r} must be one of {', '.join(self.ROUTES)}")
-        reorder = setting.get("reorder", 0)
-        if not is_int(reorder) or reorder < 0:
-            raise ValueError(f"search: reorder={reorder!r} must be an integer >= 0 (0 = scan the float rows)")
-        if reorder and not self.quantized:
-            raise ValueError("search: reorder > 0 scores candidates from PQ codes, which this index does not hold: "
-                             "call index.quantize() (or train with --config.index.pq4_dims=2)")
-        if reorder and setting.get("backend", "host") != "host":
-            raise ValueError("search: reorder > 0 (PQ codes) runs on backend='host' only; the device backend "
-                             "scans float rows (reorder=0)")
+        pq4.check_reorder(setting, self.quantized)
 
     def _prepare(self, queries, what: str = "queries") -> np.ndarray:
         x = dense_rows(queries, self.dim, what)

@@ -59,11 +59,11 @@ def merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count=
 
 
 def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens, reorder, k,
-               metric="ip", n_threads=0, row_terms=None):
+               metric="ip", n_threads=0, row_terms=None, row_ids=None):
     """Probed leaves scored from 4-bit PQ codes (fast scan: AVX2 byte shuffles when the CPU has them),
     the `reorder` best re-ranked exactly: (rows, dist, n_candidates). See reference.pq4_search."""
     return _kernels.pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens,
-                               reorder, k, metric, n_threads, row_terms)
+                               reorder, k, metric, n_threads, row_terms, row_ids)
 
 
 def topk_rows(x, k, n_threads=0):

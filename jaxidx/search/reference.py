@@ -353,7 +353,7 @@ def pq4_table(query, codebooks, metric):
 
 
 def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens, reorder, k,
-               metric="ip", n_threads=0, row_terms=None):
+               metric="ip", n_threads=0, row_terms=None, row_ids=None):
     """Probed leaves scored from 4-bit PQ codes, the best `reorder` re-ranked exactly.
 
     base float32 [N, d] in leaf layout (leaf b: rows row_offsets[b]:row_offsets[b+1], int32 [L+1]);
@@ -370,7 +370,12 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
     ||q - centre - r||^2 expanded. The
     `reorder` candidates of smallest
     (value, row) go to `rerank_topk`'s exact distance; reorder >= k. Returns (rows [Q, k], dist
-    [Q, k], n_candidates [Q]). n_threads is unused."""
+    [Q, k], n_candidates [Q]). n_threads is unused.
+
+    row_ids int32 [S] (codes of the rows themselves: centres None): row_offsets count slots, not rows;
+    leaf b's slots row_offsets[b]:row_offsets[b+1] hold base rows row_ids[slot], a row possibly in
+    several leaves (IRLI's repetitions) with the same codes in every copy; each distinct row is scored
+    once, and n_candidates counts slots."""
     for a, name, dt, nd in ((queries, "queries", np.float32, 2), (base, "base", np.float32, 2),
                             (codes, "codes", np.uint8, 3), (codebooks, "codebooks", np.float32, 3),
                             (row_offsets, "row_offsets", np.int32, 1), (block_offsets, "block_offsets", np.int32, 1),
@@ -395,12 +400,21 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
             raise ValueError("row_terms: only for l2 with residual codes (centres given)")
     elif metric == "l2" and centres is not None:
         raise ValueError("row_terms: required for l2 with residual codes (pq4.row_terms)")
-    leaf = np.repeat(np.arange(len(row_offsets) - 1), np.diff(row_offsets))  # each row's leaf
+    if row_ids is not None:
+        check_array(row_ids, "row_ids", np.int32, 1)
+        if centres is not None:
+            raise ValueError("row_ids: only with codes of the rows themselves (centres None)")
+    leaf = np.repeat(np.arange(len(row_offsets) - 1), np.diff(row_offsets))  # each row's (slot's) leaf
     pos = np.arange(len(leaf)) - row_offsets[leaf]                             # and place in it
     packed = codes[block_offsets[leaf] + pos // 32, :, pos % 32]               # [N, ceil(M / 2)]
     row_codes = np.empty((len(packed), 2 * codes.shape[1]), np.int64)
     row_codes[:, 0::2], row_codes[:, 1::2] = packed & 15, packed >> 4
     row_codes = row_codes[:, :m]
+    if row_ids is not None:  # every copy of a row carries its codes
+        first = np.full(len(base), -1, np.int64)
+        first[row_ids[::-1]] = np.arange(len(row_ids))[::-1]
+        if not np.array_equal(row_codes, row_codes[first[row_ids]]):
+            raise ValueError("codes: the copies of a row (row_ids) must carry the same codes")
     best = np.full((Q, reorder), -1, np.int32)
     n_cand = np.zeros(Q, np.int32)
     for q in range(Q):
@@ -417,10 +431,11 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
             sums = table[np.arange(m), row_codes[r]].sum(1)
             value = sums.astype(np.float32) / scale + bias
             values.append(value + row_terms[r] if row_terms is not None else value)
-            rows.append(r.astype(np.int32))
+            rows.append((r if row_ids is None else row_ids[r]).astype(np.int32))
             n_cand[q] += n
         if rows:
-            values, rows = np.concatenate(values), np.concatenate(rows)
+            rows, first = np.unique(np.concatenate(rows), return_index=True)
+            values = np.concatenate(values)[first]
             top = _rank(values, rows, descending=False)[:reorder]
             best[q, :len(top)] = rows[top]
     ids, dist, _ = rerank_topk(queries, base, best, k, metric)
