@@ -37,6 +37,7 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.index = ml_collections.ConfigDict()
     c.index.pq4_dims = 0  # ANN, > 0: also store a 4-bit PQ code of every vector, this many dimensions per
                           # sub-space, which search settings with reorder > 0 scan (-1 = chosen from the data)
+    c.index.pq4_anisotropic = 0.0  # > 0 (angular, dot): ScaNN's score-aware loss, threshold T (pq4.py)
     return c
 
 

@@ -40,6 +40,7 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
                                             # which search settings with reorder > 0 scan (0 = float rows only;
                                             # -1 = dims chosen from the data, pq4.choose_dims)
     c.index.pq4_residual = True             # codes of x minus its leaf's mean (finer than codes of x)
+    c.index.pq4_anisotropic = 0.0           # > 0 (angular, dot): ScaNN's score-aware loss, threshold T (pq4.py)
     c.search.query_batch = 256              # queries per routing block (the re-rank takes lmi.RERANK_QUERIES)
     c.search.settings = [{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
     return c
@@ -116,13 +117,15 @@ def auto(data) -> ml_collections.ConfigDict:
     get residual 4-bit PQ codes with the dims per sub-space `pq4.choose_dims` picks from a simulated search
     on the data, and every n_probe is searched on the float rows and on the codes with reorder 30 and 100
     (the re-ranks that won at recall 0.90 and 0.95 on the suite, BENCHMARKS.md): few candidates favour the
-    float scan, many the codes."""
+    float scan, many the codes. Inner-product data (angular, dot) get anisotropic codes, ScaNN's threshold
+    0.2 (on GloVe they make 2 dims per sub-space the fastest, 1.05x plain PQ's best, BENCHMARKS.md)."""
     n, d = data.n_items, data.dim
     leaves = min(4096, pow2_near(math.sqrt(n)))
     c = _lmi(data.name)
     c.model.update(levels=(leaves,), hidden=((min(512, max(64, pow2_near(max(d, leaves)))),),))
     c.kmeans.balance = 2.0
     c.index.pq4_dims = -1
+    c.index.pq4_anisotropic = 0.2 if data.metric in ("angular", "dot") else 0.0
     c.train.update(epochs=min(20, max(3, round(2e6 / n))), batch_size=min(1024, max(64, pow2_near(n / 100))))
     probes = probe_sweep(leaves)
     budget_probe = max(p for p in probes if p <= max(1, leaves // 2))

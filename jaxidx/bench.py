@@ -3,6 +3,7 @@ the ANN peers (faiss IVF-Flat, hnswlib, brute force), the XMC peers (PECOS XR-Li
 logistic regression), result tables and plots."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -80,6 +81,18 @@ def faiss_ivf_row(index, name: str, setting: dict, data) -> dict:
     return ann_row(name, setting, ids, benchmark_distance(-score if ip else score, data.metric), ncand, sec, data)
 
 
+def build_ivf_flat(data, nlist: int):
+    """faiss IVF-Flat with `nlist` lists over the base (on faiss's current threads): (index, build seconds)."""
+    import faiss
+    d, ip = data.dim, data.kernel_metric == "ip"
+    t0 = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    index.train(data.base)
+    index.add(data.base)
+    return index, time.perf_counter() - t0
+
+
 def bench_faiss(data, nlist: int, nprobes, threads: int, build_threads: int = 0):
     """faiss IVF-Flat (`nlist` lists; built on `build_threads`, default `threads`) over an nprobe sweep,
     and brute force, searched on `threads`. Returns (rows, {name: build seconds}, IVF index bytes)."""
@@ -88,12 +101,7 @@ def bench_faiss(data, nlist: int, nprobes, threads: int, build_threads: int = 0)
     faiss.omp_set_num_threads(build_threads or threads)
     d = data.dim
     ip = data.kernel_metric == "ip"
-    t0 = time.perf_counter()
-    quantizer = faiss.IndexFlatIP(d) if ip else faiss.IndexFlatL2(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
-    index.train(data.base)
-    index.add(data.base)
-    build = time.perf_counter() - t0
+    index, build = build_ivf_flat(data, nlist)
     faiss.omp_set_num_threads(threads)
     rows = []
     for nprobe in nprobes:
@@ -135,26 +143,38 @@ def bench_faiss_pqfs(data, nlist: int, nprobes, k_factors, threads: int, build_t
     return rows, {name: build}, int(faiss.serialize_index(index).nbytes)
 
 
-def bench_scann(data, n_leaves: int, leaves_to_search, reorders):
+SCANN_NAME = "scann (leaves {}, AH 2 dims/block, reorder)"
+
+
+def build_scann(data, n_leaves: int, leaves_to_search, reorders):
     """ScaNN: a k-means tree of `n_leaves` leaves, asymmetric hashing with 2 dimensions per 4-bit block
-    (anisotropic loss, threshold 0.2, for inner products), exact re-rank; swept over leaves searched x
-    reorder. Searched with `search_batched`, on the calling thread (the cores the process is pinned to). Returns (rows, {name: build seconds},
-    None), or ([], {}, None) with a message when scann is not installed."""
+    (anisotropic loss, threshold 0.2, for inner products), exact re-rank: (searcher, build seconds), or
+    (None, 0) with a message when scann is not installed."""
     try:
         import scann
     except ImportError:
         print("ScaNN skipped: `pip install scann` to compare against it")
-        return [], {}, None
-    import numpy as np
-    from jaxidx.data.types import benchmark_distance
+        return None, 0.0
     ip = data.kernel_metric == "ip"
-    name = f"scann (leaves {n_leaves}, AH 2 dims/block, reorder)"
     t0 = time.perf_counter()
     builder = scann.scann_ops_pybind.builder(data.base, 10, "dot_product" if ip else "squared_l2").tree(
         num_leaves=n_leaves, num_leaves_to_search=max(leaves_to_search), training_sample_size=min(data.n_items, 250000))
     builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2) if ip else builder.score_ah(2)
     searcher = builder.reorder(max(reorders)).build()
-    build = time.perf_counter() - t0
+    return searcher, time.perf_counter() - t0
+
+
+def bench_scann(data, n_leaves: int, leaves_to_search, reorders):
+    """ScaNN (`build_scann`) swept over leaves searched x reorder, searched with `search_batched` on the
+    calling thread (the cores the process is pinned to). Returns (rows, {name: build seconds}, None), or
+    ([], {}, None) when scann is not installed."""
+    import numpy as np
+    from jaxidx.data.types import benchmark_distance
+    searcher, build = build_scann(data, n_leaves, leaves_to_search, reorders)
+    if searcher is None:
+        return [], {}, None
+    ip = data.kernel_metric == "ip"
+    name = SCANN_NAME.format(n_leaves)
     rows = []
     for leaves in leaves_to_search:
         for reorder in reorders:
@@ -167,29 +187,63 @@ def bench_scann(data, n_leaves: int, leaves_to_search, reorders):
     return rows, {name: build}, None
 
 
-def bench_hnsw(data, efs, threads: int, build_threads: int):
-    """hnswlib (M 16, ef_construction 200; built on `build_threads`, 0 = all usable cores) over an ef sweep
-    on `threads`. Returns (rows, {name: build seconds}, index bytes as saved)."""
+def build_hnsw(data, build_threads: int = 0):
+    """hnswlib (M 16, ef_construction 200) over the base, built on `build_threads` (0 = all usable
+    cores): (index, build seconds)."""
     import hnswlib
     import numpy as np
-    from jaxidx.data.types import benchmark_distance
-    space = "ip" if data.kernel_metric == "ip" else "l2"
     t0 = time.perf_counter()
-    index = hnswlib.Index(space=space, dim=data.dim)
+    index = hnswlib.Index(space="ip" if data.kernel_metric == "ip" else "l2", dim=data.dim)
     index.init_index(max_elements=data.n_items, M=16, ef_construction=200, random_seed=0)
     index.set_num_threads(build_threads or len(os.sched_getaffinity(0)))
     index.add_items(data.base, np.arange(data.n_items))
-    build = time.perf_counter() - t0
+    return index, time.perf_counter() - t0
+
+
+def hnsw_distance(dist, data):
+    """hnswlib's distances as the benchmark's: its 'ip' distance is 1 - dot, its 'l2' squared L2."""
+    from jaxidx.data.types import benchmark_distance
+    return benchmark_distance(dist - 1.0 if data.kernel_metric == "ip" else dist, data.metric)
+
+
+def bench_hnsw(data, efs, threads: int, build_threads: int):
+    """hnswlib (`build_hnsw`) over an ef sweep on `threads`. Returns (rows, {name: build seconds}, index
+    bytes as saved)."""
+    import numpy as np
+    index, build = build_hnsw(data, build_threads)
     index.set_num_threads(threads)
     rows = []
     for ef in efs:
         index.set_ef(max(ef, 10))
         (ids, dist), sec = timed(lambda: index.knn_query(data.queries, k=10))
-        # hnswlib 'ip' distance is 1 - dot; 'l2' is squared L2: map both to the kernel convention.
-        kernel = dist - 1.0 if space == "ip" else dist
-        rows.append(ann_row("hnswlib (M 16)", {"ef": ef}, ids.astype(np.int64),
-                            benchmark_distance(kernel, data.metric), None, sec, data))
+        rows.append(ann_row("hnswlib (M 16)", {"ef": ef}, ids.astype(np.int64), hnsw_distance(dist, data), None, sec,
+                            data))
     return rows, {"hnswlib": build}, int(index.index_file_size())
+
+
+def one_by_one(search, queries: list) -> tuple[list, list]:
+    """(seconds, results) of `search(q)` for each single query of `queries`, timed one call at a time after
+    one untimed pass over all of them (warm caches and compiled shapes, as `timed`)."""
+    for q in queries:
+        search(q)
+    times, out = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        r = search(q)
+        times.append(time.perf_counter() - t0)
+        out.append(r)
+    return times, out
+
+
+@contextlib.contextmanager
+def single_queries(index):
+    """A context in which `index` routes one query per call (its jitted routing compiled for a batch of 1,
+    as a caller searching query by query gets it)."""
+    block, index.config.search.query_batch = index.config.search.query_batch, 1
+    try:
+        yield index
+    finally:
+        index.config.search.query_batch = block
 
 
 def latency_ms(index, data, setting: dict, n: int, k: int = 10) -> dict:
@@ -201,16 +255,8 @@ def latency_ms(index, data, setting: dict, n: int, k: int = 10) -> dict:
     from jaxidx.train.batches import take
     queries = test_queries(data)
     one = [take(queries, np.arange(i, i + 1)) for i in range(min(n, n_rows(queries)))]
-    block, index.config.search.query_batch = index.config.search.query_batch, 1
-    try:
-        index.query(one[0], setting, k)  # compile
-        times = []
-        for q in one:
-            t0 = time.perf_counter()
-            index.query(q, setting, k)
-            times.append(time.perf_counter() - t0)
-    finally:
-        index.config.search.query_batch = block
+    with single_queries(index):
+        times, _ = one_by_one(lambda q: index.query(q, setting, k), one)
     return {"latency_ms_p50": 1e3 * float(np.median(times)), "latency_ms_p99": 1e3 * float(np.quantile(times, 0.99))}
 
 

@@ -12,6 +12,13 @@ the residuals are smaller than the vectors, so 16 centroids per sub-space resolv
 Rows are stored two sub-spaces per byte (`pack_rows`: sub-space 2p in the low nibble, 2p + 1 in the
 high one), in the index's leaf layout; `block_layout` regroups them into the kernel's blocks of 32 rows.
 Codebooks are trained in JAX (`train_codebooks`: Lloyd's k-means on every sub-space at once).
+
+Score-aware (anisotropic) codes, for inner products (ScaNN's loss; Guo et al., "Accelerating
+large-scale inference with anisotropic vector quantization", 2020): a row x's quantization error e
+costs ||e||^2 + (eta - 1) (e . x / ||x||)^2, eta = `anisotropic_eta(d, T)` > 1, so the error parallel
+to x, which moves <q, x> for the queries that rank x high, is paid eta times over. Codes are chosen
+by coordinate descent over the sub-spaces from the nearest ones (`encode` with `directions`), and
+each centroid is the minimiser of that loss over its rows, a dsub x dsub solve (`train_codebooks`).
 """
 from __future__ import annotations
 
@@ -58,30 +65,124 @@ def _lloyd(x: jax.Array, init: jax.Array, dsub: int, n_iter: int) -> jax.Array:
     return jax.lax.fori_loop(0, n_iter, step, _split(init, dsub))
 
 
+def anisotropic_eta(d: int, threshold: float) -> float:
+    """ScaNN's weight of the parallel error, (d - 1) T^2 / (1 - T^2), for a threshold T relative to the
+    row's norm (the inner products that matter are those above T ||q|| ||x||); 1 = plain PQ (T = 0)."""
+    if not 0 <= threshold < 1:
+        raise ValueError(f"pq4: anisotropic threshold must be in [0, 1), got {threshold}")
+    return 1.0 if threshold == 0 else max(1.0, (d - 1) * threshold ** 2 / (1 - threshold ** 2))
+
+
+def eta_of(metric: str, d: int, threshold: float) -> float:
+    """`anisotropic_eta` for an index's kernel metric: the loss is for inner products ('ip': angular, dot)."""
+    if threshold and metric != "ip":
+        raise ValueError(f"quantize: anisotropic={threshold} weighs the error along x, which ranks inner products; "
+                         "this index's metric is euclidean (use 0)")
+    return anisotropic_eta(d, threshold)
+
+
+def codes_of(arrays: dict, r: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Packed codes of rows r (x: the vectors they stand for) with an index's stored codebooks and, when it
+    has one, its anisotropic weight `pq4_eta`: how `add` encodes new rows as `fit_codes` encoded the rest."""
+    eta = float(arrays["pq4_eta"][0]) if "pq4_eta" in arrays else 1.0
+    return pack_rows(encode(r, arrays["pq4_codebooks"], directions=x, eta=eta))
+
+
+def store_codes(arrays: dict, codebooks: np.ndarray, codes: np.ndarray, eta: float) -> None:
+    """An index's PQ arrays: codebooks, codes and (anisotropic codes only) the weight `pq4_eta` [1]."""
+    arrays.update(pq4_codebooks=codebooks, pq4_codes=codes)
+    arrays.pop("pq4_eta", None)
+    if eta != 1.0:
+        arrays["pq4_eta"] = np.array([eta], np.float32)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+@partial(jax.jit, static_argnums=(4,))
+def _anisotropic_codes(xs, us, codebooks, eta, n_sweeps):
+    """Codes [M, n] minimising sum_m ||e_m||^2 + (eta - 1) (sum_m e_m . u_m)^2, e_m = xs_m - codebook_m[code_m]
+    (xs, us [M, n, dsub]: rows and unit directions per sub-space): nearest codes, then `n_sweeps` passes of
+    coordinate descent over the sub-spaces, each the best of 16 with the others fixed."""
+    hi = jax.lax.Precision.HIGHEST
+    codes = _nearest(xs, codebooks)
+    err = xs - jnp.take_along_axis(codebooks, codes[..., None], axis=1)            # [M, n, dsub]
+    s = jnp.einsum("mnd,mnd->n", err, us, precision=hi)
+
+    def step(carry, m):
+        codes, s = carry
+        cand = xs[m][:, None, :] - codebooks[m][None]                               # [n, 16, dsub]
+        proj = jnp.einsum("nkd,nd->nk", cand, us[m], precision=hi)
+        rest = s - jnp.take_along_axis(proj, codes[m][:, None], axis=1)[:, 0]
+        loss = jnp.sum(cand * cand, -1) + (eta - 1.0) * (rest[:, None] + proj) ** 2
+        best = jnp.argmin(loss, axis=-1).astype(jnp.int32)
+        return (codes.at[m].set(best), rest + jnp.take_along_axis(proj, best[:, None], axis=1)[:, 0]), None
+
+    for _ in range(n_sweeps):
+        (codes, s), _ = jax.lax.scan(step, (codes, s), jnp.arange(xs.shape[0]))
+    return codes
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def _anisotropic_lloyd(x, u, init, eta, dsub, n_iter):
+    """Lloyd's loop under the anisotropic loss: codes by `_anisotropic_codes`, then each centroid c of
+    sub-space m the minimiser over its rows i of ||x_im - c||^2 + (eta - 1) (a_i - c . u_im)^2, a_i the
+    row's parallel error without sub-space m plus x_im . u_im: (n I + (eta - 1) sum u u^T) c = sum x +
+    (eta - 1) sum a u."""
+    hi = jax.lax.Precision.HIGHEST
+    xs, us = _split(x, dsub), _split(u, dsub)
+    w = eta - 1.0
+
+    def step(_, cb):
+        codes = _anisotropic_codes(xs, us, cb, eta, 1)
+        onehot = jax.nn.one_hot(codes, N_CENTROIDS, dtype=xs.dtype)                 # [M, n, 16]
+        err = xs - jnp.take_along_axis(cb, codes[..., None], axis=1)
+        par = jnp.einsum("mnd,mnd->mn", err, us, precision=hi)
+        a = par.sum(0)[None] - par + jnp.einsum("mnd,mnd->mn", xs, us, precision=hi)  # [M, n]
+        counts = onehot.sum(1)                                                       # [M, 16]
+        lhs = (counts[..., None, None] * jnp.eye(dsub, dtype=xs.dtype)
+               + w * jnp.einsum("mnk,mnd,mne->mkde", onehot, us, us, precision=hi))
+        rhs = (jnp.einsum("mnk,mnd->mkd", onehot, xs, precision=hi)
+               + w * jnp.einsum("mnk,mn,mnd->mkd", onehot, a, us, precision=hi))
+        safe = jnp.where(counts[..., None, None] > 0, lhs, jnp.eye(dsub, dtype=xs.dtype))
+        new = jnp.linalg.solve(safe, rhs[..., None])[..., 0]
+        return jnp.where(counts[..., None] > 0, new, cb)                              # an empty centroid stays
+
+    return jax.lax.fori_loop(0, n_iter, step, _split(init, dsub))
+
+
 def train_codebooks(x: np.ndarray, dsub: int = 2, *, n_iter: int = 20, sample: int = 65536,
-                    seed: int = 0) -> np.ndarray:
+                    seed: int = 0, directions: np.ndarray | None = None, eta: float = 1.0) -> np.ndarray:
     """Codebooks [M, 16, dsub] float32: k-means with 16 centroids in every sub-space of the rows of x
     (a seeded sample of `sample` rows; 0 = all), all sub-spaces in one jitted Lloyd loop, started
-    from 16 distinct sample rows."""
+    from 16 distinct sample rows. With `directions` [n, d] (the rows whose inner products the codes
+    serve: x itself, or the vectors whose residuals x holds) and eta > 1: under the anisotropic loss."""
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or len(x) < N_CENTROIDS:
         raise ValueError(f"pq4: need at least {N_CENTROIDS} training rows [n, d], got shape {x.shape}")
     if dsub < 1:
         raise ValueError(f"pq4: dsub (dimensions per sub-space) must be >= 1, got {dsub}")
     rng = np.random.default_rng(seed)
-    if 0 < sample < len(x):
-        x = x[np.sort(rng.choice(len(x), sample, replace=False))]
+    rows = np.sort(rng.choice(len(x), sample, replace=False)) if 0 < sample < len(x) else np.arange(len(x))
+    x = x[rows]
     init = x[rng.choice(len(x), N_CENTROIDS, replace=False)]
-    return np.asarray(_lloyd(jnp.asarray(x), jnp.asarray(init), dsub, n_iter), np.float32)
+    if directions is None or eta == 1.0:
+        return np.asarray(_lloyd(jnp.asarray(x), jnp.asarray(init), dsub, n_iter), np.float32)
+    u = _unit(np.asarray(directions, np.float32)[rows])
+    return np.asarray(_anisotropic_lloyd(jnp.asarray(x), jnp.asarray(u), jnp.asarray(init), float(eta), dsub, n_iter),
+                      np.float32)
 
 
-def fit_codes(x: np.ndarray, dims: int, *, sample: int = 65536, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fit_codes(x: np.ndarray, dims: int, *, sample: int = 65536, seed: int = 0,
+              directions: np.ndarray | None = None, eta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(codebooks [M, 16, dims], packed codes [n, ceil(M / 2)]) of the rows of x: `train_codebooks` on a
-    seeded sample, then every row encoded and packed (`pack_rows`). What an index stores to quantize."""
+    seeded sample, then every row encoded and packed (`pack_rows`); anisotropic with `directions` and
+    eta > 1. What an index stores to quantize."""
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 1:
         raise ValueError(f"quantize: dims={dims!r} must be an integer >= 1 (dimensions per sub-space), or 'auto'")
-    codebooks = train_codebooks(x, int(dims), sample=sample, seed=seed)
-    return codebooks, pack_rows(encode(x, codebooks))
+    codebooks = train_codebooks(x, int(dims), sample=sample, seed=seed, directions=directions, eta=eta)
+    return codebooks, pack_rows(encode(x, codebooks, directions=directions, eta=eta))
 
 
 def check_config(config) -> None:
@@ -91,6 +192,9 @@ def check_config(config) -> None:
     pq4_dims = index.get("pq4_dims", 0)  # absent from configs saved before PQ codes existed
     if pq4_dims < -1:
         raise ValueError(f"index.pq4_dims: must be >= -1 (0 = no PQ codes, -1 = chosen from the data), got {pq4_dims}")
+    threshold = index.get("pq4_anisotropic", 0.0)
+    if not 0 <= threshold < 1:
+        raise ValueError(f"index.pq4_anisotropic: the threshold T must be in [0, 1) (0 = plain PQ), got {threshold}")
     for s in config.search.settings:
         reorder = s.get("reorder", 0)
         if reorder < 0:
@@ -119,18 +223,34 @@ def _encode_block(x, codebooks, dsub):
     return _nearest(_split(x, dsub), codebooks).T
 
 
-def encode(x: np.ndarray, codebooks: np.ndarray, block: int = 65536) -> np.ndarray:
-    """Codes [n, M] uint8 (0..15): each sub-space's nearest centroid (squared L2)."""
+@partial(jax.jit, static_argnums=(4,))
+def _encode_anisotropic_block(x, u, codebooks, eta, dsub):
+    return _anisotropic_codes(_split(x, dsub), _split(u, dsub), codebooks, eta, ANISOTROPIC_SWEEPS).T
+
+
+ANISOTROPIC_SWEEPS = 3  # coordinate-descent passes when encoding (the loss barely moves after 2)
+
+
+def encode(x: np.ndarray, codebooks: np.ndarray, block: int = 65536, *, directions: np.ndarray | None = None,
+           eta: float = 1.0) -> np.ndarray:
+    """Codes [n, M] uint8 (0..15): each sub-space's nearest centroid (squared L2); with `directions` [n, d]
+    and eta > 1, the codes of least anisotropic loss (module docstring)."""
     x = np.asarray(x, np.float32)
     m, _, dsub = codebooks.shape
     if x.ndim != 2 or n_subspaces(x.shape[1], dsub) != m:
         raise ValueError(f"pq4: rows of shape {x.shape} do not match codebooks {codebooks.shape}")
+    aniso = directions is not None and eta != 1.0
     cb = jnp.asarray(codebooks)
     out = np.empty((len(x), m), np.uint8)
     for s in range(0, len(x), block):
         chunk = x[s:s + block]
         pad = -len(chunk) % 1024  # few compiled shapes
-        codes = _encode_block(jnp.asarray(np.pad(chunk, ((0, pad), (0, 0)))), cb, dsub)
+        padded = jnp.asarray(np.pad(chunk, ((0, pad), (0, 0))))
+        if aniso:
+            u = jnp.asarray(np.pad(_unit(np.asarray(directions[s:s + block], np.float32)), ((0, pad), (0, 0))))
+            codes = _encode_anisotropic_block(padded, u, cb, float(eta), dsub)
+        else:
+            codes = _encode_block(padded, cb, dsub)
         out[s:s + len(chunk)] = np.asarray(codes)[:len(chunk)]
     return out
 
@@ -218,10 +338,10 @@ def _nearest_rows(x: np.ndarray, queries: np.ndarray, metric: str, k: int, block
 
 
 def choose_dims(vectors: np.ndarray, row_offsets: np.ndarray, metric: str, *, residual: bool = True,
-                options=(1, 2, 4, 8, 16), n_queries: int = 128, recall: float = 0.9, keep: float = 0.98,
-                sample: int = 2048, seed: int = 0) -> int:
+                eta: float = 1.0, options=(1, 2, 4, 8, 16), n_queries: int = 128, recall: float = 0.9,
+                keep: float = 0.98, sample: int = 2048, seed: int = 0) -> int:
     """Dimensions per sub-space for residual codes of `vectors` (leaf layout, kernel metric 'l2' or 'ip';
-    residual=False: codes of the vectors themselves),
+    residual=False: codes of the vectors themselves; eta > 1: anisotropic codes),
     chosen by simulating the search on the data. `n_queries` seeded base rows are the queries (each left out
     of its own answers); each probes the leaves nearest it by centre until `recall` of its 10 right answers
     (rows as near as the exact 10th: binary rows tie often) are among the candidates. For every option,
@@ -262,15 +382,17 @@ def choose_dims(vectors: np.ndarray, row_offsets: np.ndarray, metric: str, *, re
     union = np.unique(np.concatenate(cands))
     position = np.full(n, -1, np.int64)
     position[union] = np.arange(len(union))
-    train = r[rng.choice(n, min(sample, n), replace=False)]
+    train_rows = rng.choice(n, min(sample, n), replace=False)
     mean_candidates = np.mean([len(c) for c in cands])
     best, best_cost = options[0], np.inf
     for dims in options:
         if dims > max(1, d // 4) and dims != options[0]:
             break
-        codebooks = train_codebooks(train, dims, n_iter=10, sample=0, seed=seed)
+        codebooks = train_codebooks(r[train_rows], dims, n_iter=10, sample=0, seed=seed, directions=x[train_rows],
+                                    eta=eta)
         m = codebooks.shape[0]
-        decoded = codebooks[np.arange(m), encode(r[union], codebooks)].reshape(len(union), m * dims)[:, :d]
+        codes = encode(r[union], codebooks, directions=x[union], eta=eta)
+        decoded = codebooks[np.arange(m), codes].reshape(len(union), m * dims)[:, :d]
         ranks = []  # per query, where the codes' order puts the first 10 right answers
         for q, rows, ok in zip(queries, cands, good):
             order = np.argsort(score(q, rows, decoded[position[rows]]), kind="stable")

@@ -433,15 +433,11 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
             fail("row_offsets", "last entry " + std::to_string(rows[L]) + " != " + (row_ids ? "row_ids entries " : "base rows ") +
                                     std::to_string(n_slots));
         }
-        for (int64_t s = 0; row_ids && s < n_slots; ++s) {
-            if (row_ids[s] < 0 || row_ids[s] >= N) {
-                fail("row_ids", "entry " + std::to_string(s) + " is " + std::to_string(row_ids[s]) + ", outside [0, " +
-                                    std::to_string(N) + ")");
-            }
-        }
+
         if (blocks[L] != n_blocks) fail("block_offsets", "last entry " + std::to_string(blocks[L]) + " != codes blocks " +
                                                              std::to_string(n_blocks));
         std::vector<int64_t> seen(static_cast<size_t>(L), -1);  // a leaf probed twice by one query
+        std::vector<char> checked(row_ids ? static_cast<size_t>(L) : 0, 0);  // leaves whose row_ids are checked
         for (int64_t q = 0; q < Q; ++q) {
             for (int64_t p = 0; p < P; ++p) {
                 const int32_t b = leaves[q * P + p], n = lens[q * P + p];
@@ -456,6 +452,15 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                 }
                 if (seen[b] == q) fail("leaves", "query " + std::to_string(q) + " probes leaf " + std::to_string(b) + " twice");
                 seen[b] = q;
+                if (row_ids && !checked[b]) {  // the slots of probed leaves only: a single query checks its own
+                    checked[b] = 1;
+                    for (int64_t s = rows[b]; s < rows[b + 1]; ++s) {
+                        if (row_ids[s] < 0 || row_ids[s] >= N) {
+                            fail("row_ids", "entry " + std::to_string(s) + " is " + std::to_string(row_ids[s]) +
+                                                ", outside [0, " + std::to_string(N) + ")");
+                        }
+                    }
+                }
             }
         }
         const BlockScanFn scan_blocks = pick_block_scan();

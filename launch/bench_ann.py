@@ -45,6 +45,8 @@ flags.DEFINE_list("reorder", "20,50,100,200,400", "ScaNN reorder sweep.")
 flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives an LMI or IRLI index 4-bit PQ codes of "
                   "this many dims per sub-space (`quantize`) before searching, for settings with reorder; 'auto' "
                   "the dims pq4.choose_dims picks; 0 = as trained. The same --workdir may be given twice.")
+flags.DEFINE_list("anisotropic", [], "Per --workdir, in the same order, with --quantize: the score-aware loss's "
+                  "threshold T for the codes (angular / dot data; 0 = plain PQ).")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
 flags.DEFINE_enum("recall", "recall@10", ["recall@10", "recall@10_distance"], "The summary's recall (not --suite, "
                   "which counts by distance): by id, or by distance as ann-benchmarks (exact ties on binary rows).")
@@ -73,8 +75,9 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         dims = dims if dims == "auto" else int(dims)
         if dims and index.task != "ann":
             raise ValueError(f"--quantize: only ANN indexes hold PQ codes; {wd} is an {index.task.upper()} index")
+        threshold = float(FLAGS.anisotropic[i]) if i < len(FLAGS.anisotropic) else 0.0
         if dims:
-            index.quantize(dims)
+            index.quantize(dims, anisotropic=threshold)
             dims = index.arrays["pq4_codebooks"].shape[2]
         data_i = load(data_spec or index.config.data)
         if data_i.fingerprint() != index.info["data_fingerprint"]:
@@ -83,6 +86,7 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         n_buckets = index.stats()["n_buckets"]
         nlist = nlist or n_buckets
         name = (f"{index.method} (B {n_buckets}" + (f", pq4 {dims} dims/sub-space" if dims else "")
+                + (f", anisotropic T {threshold}" if dims and threshold else "")
                 + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")"))
         builds[name] = float(index.info.get("train_seconds", 0.0))
         for r in evaluate(index, data, index.config.search.settings, 10, warm=True):

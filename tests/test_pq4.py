@@ -133,6 +133,41 @@ def test_choose_dims_follows_the_data():
     assert pq4.choose_dims(*_leaf_layout(rows, 32, rng), "l2") >= 4
 
 
+def test_anisotropic_codes_trade_parallel_error_for_inner_products():
+    """ScaNN's score-aware loss: eta 1 is plain PQ; eta > 1 codes (coordinate descent) and codebooks (the
+    per-centroid solve) each lower the anisotropic loss, the parallel error most, and rank the top inner
+    products better from the codes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert pq4.anisotropic_eta(24, 0.2) == 1.0 and pq4.anisotropic_eta(64, 0.0) == 1.0  # no weight below 1
+    eta = pq4.anisotropic_eta(64, 0.2)
+    assert eta == pytest.approx(63 * 0.04 / 0.96)
+
+    def losses(cb, codes):
+        e = x - cb[np.arange(cb.shape[0]), codes].reshape(len(codes), -1)
+        par = (e * x).sum(1)
+        return (e * e).sum(1).mean(), (par ** 2).mean(), ((e * e).sum(1) + (eta - 1) * par ** 2).mean()
+
+    cb0 = pq4.train_codebooks(x, 2)
+    c0 = pq4.encode(x, cb0)
+    np.testing.assert_array_equal(pq4.encode(x, cb0, directions=x, eta=1.0), c0)
+    np.testing.assert_array_equal(pq4.train_codebooks(x, 2, directions=x, eta=1.0), cb0)
+    plain, codes_only = losses(cb0, c0), losses(cb0, pq4.encode(x, cb0, directions=x, eta=eta))
+    cb1 = pq4.train_codebooks(x, 2, directions=x, eta=eta)
+    both = losses(cb1, pq4.encode(x, cb1, directions=x, eta=eta))
+    assert both[2] < codes_only[2] < plain[2] and both[1] < plain[1] / 3 and plain[0] < both[0]
+    q = rng.standard_normal((200, 64)).astype(np.float32)
+    top = np.argsort(-(q @ x.T), 1)[:, :10]
+    overlap = {}
+    for name, cb in (("plain", cb0), ("aniso", cb1)):
+        dec = cb[np.arange(32), pq4.encode(x, cb, directions=x, eta=1.0 if name == "plain" else eta)].reshape(4000, -1)
+        overlap[name] = np.mean([len(set(a) & set(b)) for a, b in zip(top, np.argsort(-(q @ dec.T), 1)[:, :40])])
+    assert overlap["aniso"] > overlap["plain"]
+    with pytest.raises(ValueError, match="metric is euclidean"):
+        pq4.eta_of("l2", 64, 0.2)
+
+
 def test_leaf_means_of_layout():
     x = np.arange(12, dtype=np.float32).reshape(6, 2)
     means = pq4.leaf_means(x, np.array([0, 2, 2, 6], np.int32))
@@ -249,7 +284,7 @@ def test_pq4_search_validation(backend):
 def test_pq4_search_row_ids_validation(backend):
     case = repeated_case(np.random.default_rng(4))
     bad_ids = case["row_ids"].copy()
-    bad_ids[7] = len(case["base"])
+    bad_ids[case["row_offsets"][case["leaves"][0, 0]]] = len(case["base"])  # a slot of a probed leaf
     bad = [("row_ids", {"row_ids": bad_ids}), ("row_offsets", {"row_ids": case["row_ids"][:-1]})]
     if backend == "reference":  # the reference alone checks that copies carry the same codes
         codes = case["codes"].copy()
@@ -439,3 +474,46 @@ def test_irli_pq4_config_errors():
                                                     "search.settings": [{"m": 2, "min_count": 2, "reorder": 20}]})
     with pytest.raises(ValueError, match="min_count must be 1"):
         validate_config(config, 3000)
+
+
+def test_bench_latency_single_queries_beside_peers(lmi_run, irli_index, tmp_path):
+    """launch/bench_latency.py: LMI (floats, codes) and quantized IRLI searched one query per call beside
+    hnswlib, faiss IVF-Flat and ScaNN (or its skip message); the same results as the batch search."""
+    import json
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    irli_dir = irli_index[0].save(str(tmp_path / "irli"))
+    out = tmp_path / "latency.json"
+    res = subprocess.run([sys.executable, os.path.join(repo, "launch", "bench_latency.py"), f"--workdir={lmi_run[0]}",
+                          f"--workdir={irli_dir}", '--settings=[{"n_probe": 4}, {"n_probe": 4, "reorder": 100}]',
+                          '--settings=[{"m": 3, "reorder": 80}]', "--queries=30", "--ef=20,80", "--nprobe=4,8",
+                          "--leaves=4,8", "--reorder=50", f"--out={out}"],
+                         cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.load(open(out))
+    rows = {(r["method"].split(" (")[0], json.dumps(r["setting"])): r for r in got["rows"]}
+    assert {m for m, _ in rows} >= {"lmi", "irli", "hnswlib", "faiss-ivf-flat"}
+    assert ("scann", '{"leaves": 8, "reorder": 50}') in rows or "ScaNN skipped" in res.stdout
+    assert all(0 < r["latency_us_p50"] <= r["latency_us_p99"] for r in got["rows"])
+    index, data = irli_index  # one query per call finds what the batch finds
+    batch_ids, _ = index.search(data.queries[:30], 10, m=3, reorder=80)
+    from jaxidx.metrics import knn_recall
+    assert rows[("irli", '{"m": 3, "reorder": 80}')]["recall@10"] == knn_recall(batch_ids, data.gt_ids[:30], 10)
+    assert {r["method"].split(" (")[0] for r in got["summary"]} >= {"lmi", "irli", "hnswlib", "faiss-ivf-flat"}
+
+
+def test_anisotropic_index_codes_persist_and_follow_add(irli_index, lmi_index, tmp_path):
+    """quantize(anisotropic=T) stores the weight; `add` encodes new rows with it, `save` / `load` keep it."""
+    index, data = irli_index
+    index = jaxidx.load(index.save(str(tmp_path / "irli"))).quantize(2, anisotropic=0.5)
+    assert index.arrays["pq4_eta"].shape == (1,) and index.arrays["pq4_eta"][0] == pytest.approx(pq4.anisotropic_eta(16, 0.5))
+    index.add(data.base[:7] + 0.01)
+    a = index.arrays
+    np.testing.assert_array_equal(a["pq4_codes"], pq4.codes_of(a, a["vectors"], a["vectors"]))
+    assert not np.array_equal(a["pq4_codes"], pq4.pack_rows(pq4.encode(a["vectors"], a["pq4_codebooks"])))
+    again = jaxidx.load(index.save(str(tmp_path / "irli2")))
+    np.testing.assert_array_equal(again.search(data.queries, 10, m=3, reorder=40)[0],
+                                  index.search(data.queries, 10, m=3, reorder=40)[0])
+    lmi, queries = jaxidx.load(lmi_index[0].save(str(tmp_path / "lmi"))).quantize(2, anisotropic=0.5), lmi_index[1].queries
+    ids, _ = lmi.search(queries, 10, n_probe=4, reorder=10_000)
+    np.testing.assert_array_equal(ids, lmi.search(queries, 10, n_probe=4)[0])
+    assert "pq4_eta" in lmi.arrays and "pq4_eta" not in lmi.quantize(2).arrays  # plain codes drop it

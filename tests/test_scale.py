@@ -78,6 +78,10 @@ def test_auto_rules_follow_the_data():
     probes = [s["n_probe"] for s in c.search.settings if "max_candidates" not in s and "reorder" not in s]
     assert c.train.batch_size == 64 and probes[:5] == [1, 2, 3, 4, 6] and probes[-1] == 64  # up to every leaf
     assert c.kmeans.balance == 2.0 and c.index.pq4_dims == -1  # PQ codes, dims chosen from the data
+    assert small.metric == "angular" and c.index.pq4_anisotropic == 0.2  # score-aware codes for inner products
+    l2 = get_config("lmi", SimpleNamespace(task="ann", n_items=5000, dim=8, metric="euclidean",
+                                           name="synthetic-ann:n=100,d=8,metric=euclidean"))
+    assert l2.index.pq4_anisotropic == 0.0
     assert [s.get("reorder", 0) for s in c.search.settings[:3]] == [0, 30, 100]  # each n_probe: floats and codes
     c = get_config("irli", small)
     assert (c.model.n_buckets, c.model.n_reps, c.train.max_train_points) == (64, 4, 0)

@@ -345,27 +345,30 @@ class IRLIIndex(Index):
         index = cls(config, params, arrays, dict(info, next_id=len(order)))
         dims = config.get("index", {}).get("pq4_dims", 0)
         if dims:
-            index.quantize("auto" if dims == -1 else dims, seed=config.seed)
+            index.quantize("auto" if dims == -1 else dims, seed=config.seed,
+                           anisotropic=config.index.get("pq4_anisotropic", 0.0))
         return index
 
     @property
     def quantized(self) -> bool:
         return "pq4_codes" in self.arrays
 
-    def quantize(self, dims: int | str = "auto", sample: int = 65536, seed: int = 0) -> "IRLIIndex":
+    def quantize(self, dims: int | str = "auto", sample: int = 65536, seed: int = 0,
+                 anisotropic: float = 0.0) -> "IRLIIndex":
         """Add a 4-bit PQ code of every vector (`jaxidx.pq4`: `dims` dimensions per sub-space, 16 centroids
         each, trained on a seeded sample of `sample` rows), which the setting `reorder` > 0 searches. The
         codes are of the vectors themselves, not residuals: a vector sits in R buckets (one per
         repetition) and keeps one code, so it scores the same wherever it is found. dims="auto":
-        `pq4.choose_dims` on repetition 0's buckets. Returns the index; `save` keeps the codes."""
+        `pq4.choose_dims` on repetition 0's buckets. anisotropic = T > 0 (angular and dot only): ScaNN's
+        score-aware loss (`pq4.anisotropic_eta`). Returns the index; `save` keeps the codes."""
         if self.task != "ann":
             raise TypeError("quantize: PQ codes quantize vectors; an XMC index holds labels")
-        x = self.arrays["vectors"]
+        x, metric = self.arrays["vectors"], kernel_metric(self.metric)
+        eta = pq4.eta_of(metric, self.dim, anisotropic)
         if dims == "auto":
-            dims = pq4.choose_dims(x, self.arrays["offsets"][0], kernel_metric(self.metric), residual=False, seed=seed)
+            dims = pq4.choose_dims(x, self.arrays["offsets"][0], metric, residual=False, seed=seed, eta=eta)
             log.info("PQ codes: %d dims per sub-space (pq4.choose_dims)", dims)
-        codebooks, codes = pq4.fit_codes(x, dims, sample=sample, seed=seed)
-        self.arrays.update(pq4_codebooks=codebooks, pq4_codes=codes)
+        pq4.store_codes(self.arrays, *pq4.fit_codes(x, dims, sample=sample, seed=seed, directions=x, eta=eta), eta)
         self._blocks = None
         return self
 
@@ -559,7 +562,7 @@ class IRLIIndex(Index):
         new_assign = kernels.balanced_assign(cand, self.n_buckets, capacity=capacity, initial_counts=counts,
                                              n_choices=K)
         new_ids = np.arange(self.info["next_id"], self.info["next_id"] + len(x), dtype=np.int64)
-        codes = (np.concatenate([self.arrays["pq4_codes"], pq4.pack_rows(pq4.encode(x, self.arrays["pq4_codebooks"]))])
+        codes = (np.concatenate([self.arrays["pq4_codes"], pq4.codes_of(self.arrays, x, x)])
                  if self.quantized else None)  # the new vectors' codes with the index's codebooks
         self._relayout(np.concatenate([self.arrays["vectors"], x]), np.concatenate([self.arrays["ids"], new_ids]),
                        np.concatenate([self._row_buckets(), new_assign], axis=1), codes)

@@ -409,26 +409,30 @@ class LMIIndex(Index):
         log.info("LMI bucket sizes over %d leaves: %s", n_leaves, index.leaf_stats())
         if config.index.get("pq4_dims", 0):
             index.quantize("auto" if config.index.pq4_dims == -1 else config.index.pq4_dims,
-                           config.index.pq4_residual, seed=config.seed)
+                           config.index.pq4_residual, seed=config.seed,
+                           anisotropic=config.index.get("pq4_anisotropic", 0.0))
         return index
 
     @property
     def quantized(self) -> bool:
         return "pq4_codes" in self.arrays
 
-    def quantize(self, dims: int | str = 2, residual: bool = True, sample: int = 65536, seed: int = 0) -> "LMIIndex":
+    def quantize(self, dims: int | str = 2, residual: bool = True, sample: int = 65536, seed: int = 0,
+                 anisotropic: float = 0.0) -> "LMIIndex":
         """Add 4-bit PQ codes of every row (`jaxidx.pq4`: `dims` dimensions per sub-space, 16 centroids
         each, trained on a seeded sample of `sample` rows; residual = codes of x minus its leaf's mean),
         which the setting `reorder` > 0 searches. dims="auto": `pq4.choose_dims`, from a simulated search
-        on the data. Returns the index; `save` keeps the codes."""
+        on the data. anisotropic = T > 0 (angular and dot only): ScaNN's score-aware loss with threshold
+        T (`pq4.anisotropic_eta`). Returns the index; `save` keeps the codes."""
         offsets, x = self.arrays["offsets"][0], self.arrays["vectors"]
+        metric = kernel_metric(self.metric)
+        eta = pq4.eta_of(metric, self.dim, anisotropic)
         if dims == "auto":
-            dims = pq4.choose_dims(x, offsets, kernel_metric(self.metric), residual=residual, seed=seed)
+            dims = pq4.choose_dims(x, offsets, metric, residual=residual, seed=seed, eta=eta)
             log.info("PQ codes: %d dims per sub-space (pq4.choose_dims)", dims)
         centres = pq4.leaf_means(x, offsets) if residual else None
         r = x - np.repeat(centres, self.sizes(), axis=0) if residual else x
-        codebooks, codes = pq4.fit_codes(r, dims, sample=sample, seed=seed)
-        self.arrays.update(pq4_codebooks=codebooks, pq4_codes=codes)
+        pq4.store_codes(self.arrays, *pq4.fit_codes(r, dims, sample=sample, seed=seed, directions=x, eta=eta), eta)
         self.arrays.pop("pq4_centres", None)
         if residual:
             self.arrays["pq4_centres"] = centres
@@ -568,7 +572,7 @@ class LMIIndex(Index):
         if self.quantized:  # codes of the new rows with the index's codebooks (and leaf centres)
             centres = self.arrays.get("pq4_centres")
             r = x[order] - centres[leaf[order]] if centres is not None else x[order]
-            codes = pq4.pack_rows(pq4.encode(r, self.arrays["pq4_codebooks"]))
+            codes = pq4.codes_of(self.arrays, r, x[order])
             self.arrays["pq4_codes"] = np.insert(self.arrays["pq4_codes"], at, codes, axis=0)
         self.arrays["vectors"] = np.ascontiguousarray(np.insert(self.arrays["vectors"], at, x[order], axis=0))
         self.arrays["ids"] = np.insert(self.arrays["ids"], at, new_ids[order])
