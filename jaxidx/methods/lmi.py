@@ -477,18 +477,19 @@ class LMIIndex(Index):
             c = np.asarray(members @ self.arrays["vectors"]) / np.maximum(sizes, 1)[:, None]
             if self.metric == "angular":
                 c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-            self._centroids = jnp.asarray(c, jnp.float32)
+            self._centroids = np.ascontiguousarray(c, np.float32)
         return self._centroids
 
     def _leaves(self, queries: np.ndarray, n_probe: int, route: str = "learned") -> np.ndarray:
-        """The routed leaves [Q, n_probe] (-1 = none), routed in `query_batch` blocks."""
+        """The routed leaves [Q, n_probe] (-1 = none): the networks in `query_batch` blocks on the device;
+        the leaf means on the host (`nearest_leaves`: one matrix product, where a jitted call costs a single
+        query more than the product)."""
+        if route == "centroids":
+            return nearest_leaves(self.leaf_means(), self.sizes() > 0, n_probe, queries)
         nonempty = jnp.asarray(self.sizes() > 0)
         out = []
         for chunk, n in query_blocks(queries, self.config.search.query_batch):
-            if route == "centroids":
-                logp, ids = _nearest_means(self.leaf_means(), nonempty, n_probe, chunk)
-            else:
-                logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, self.router_input(chunk))
+            logp, ids = _top_leaves(self._logp, self.params, nonempty, n_probe, self.router_input(chunk))
             out.append(np.where(np.isfinite(np.asarray(logp)), np.asarray(ids), -1)[:n].astype(np.int32))
         return np.concatenate(out) if out else np.zeros((0, n_probe), np.int32)
 
@@ -625,9 +626,18 @@ def mean_scores(means: jax.Array, x: jax.Array) -> jax.Array:
     return 2.0 * x @ means.T - jnp.sum(means * means, -1)
 
 
-@partial(jax.jit, static_argnums=(2,))
-def _nearest_means(means, nonempty, n_probe, x):
-    return jax.lax.top_k(jnp.where(nonempty, mean_scores(means, x), -jnp.inf), n_probe)
+def nearest_leaves(means: np.ndarray, nonempty: np.ndarray, n_probe: int, x: np.ndarray) -> np.ndarray:
+    """route="centroids" on the host: per row of x the n_probe non-empty leaves of highest `mean_scores`,
+    best first, ties to the lower leaf (as `lax.top_k`), -1 past the non-empty ones; int32 [Q, n_probe]."""
+    scores = 2.0 * (x @ means.T) - np.sum(means * means, -1)
+    scores[:, ~nonempty] = -np.inf
+    n_leaves = scores.shape[1]
+    top = (np.argpartition(-scores, n_probe - 1, axis=1)[:, :n_probe] if n_probe < n_leaves
+           else np.broadcast_to(np.arange(n_leaves), scores.shape))
+    best = np.take_along_axis(scores, top, 1)
+    order = np.lexsort((top, -best))
+    top, best = np.take_along_axis(top, order, 1), np.take_along_axis(best, order, 1)
+    return np.where(np.isfinite(best), top, -1).astype(np.int32)
 
 
 @partial(jax.jit, static_argnums=(0, 3))
