@@ -620,16 +620,16 @@ def _best_leaves(route, params, x, m):
     return km.top_k_margin(route(params, x), m)
 
 
-def mean_scores(means: jax.Array, x: jax.Array) -> jax.Array:
+def mean_scores(means, x):
     """Leaf scores of route="centroids" [b, L]: -|x - mean|^2 up to a per-row constant (unit means of
-    angular data: 2 cos - 1)."""
-    return 2.0 * x @ means.T - jnp.sum(means * means, -1)
+    angular data: 2 cos - 1). NumPy arrays on the host (`nearest_leaves`), jax arrays on the device."""
+    return 2.0 * x @ means.T - (means * means).sum(-1)
 
 
 def nearest_leaves(means: np.ndarray, nonempty: np.ndarray, n_probe: int, x: np.ndarray) -> np.ndarray:
     """route="centroids" on the host: per row of x the n_probe non-empty leaves of highest `mean_scores`,
     best first, ties to the lower leaf (as `lax.top_k`), -1 past the non-empty ones; int32 [Q, n_probe]."""
-    scores = 2.0 * (x @ means.T) - np.sum(means * means, -1)
+    scores = mean_scores(means, x)
     scores[:, ~nonempty] = -np.inf
     n_leaves = scores.shape[1]
     top = (np.argpartition(-scores, n_probe - 1, axis=1)[:, :n_probe] if n_probe < n_leaves
