@@ -310,6 +310,14 @@ inline bool use_avx2() {
     static const bool avx2 = __builtin_cpu_supports("avx2") && !std::getenv("JAXIDX_NO_AVX2");
     return avx2;
 }
+
+// AVX-512 (byte shuffles: AVX512BW) for the kernels that have such a path (pq4_search's scan), when the
+// CPU has it and AVX2 is in use, unless JAXIDX_NO_AVX512 is set: read at every call (one getenv per
+// search), so a test or benchmark can run both paths in one process.
+inline bool use_avx512bw() {
+    static const bool cpu = use_avx2() && __builtin_cpu_supports("avx512bw");
+    return cpu && !std::getenv("JAXIDX_NO_AVX512");
+}
 #endif
 
 // A query's k nearest (a TopK of distances) into row q of ids / dist [Q, k], padded with -1 / +inf.

@@ -8,7 +8,8 @@
 //
 // Scores (the contract of jaxidx/search/reference.py, pq4_search): per query one float table lut[m][j]
 // over sub-spaces m and centroids j, quantized to bytes qlut = min(255, rint((lut - min_m) * scale))
-// with one scale; a row's approximate value is float(sum_m qlut[m][code_m]) / scale + bias, where bias is
+// with one scale; a row's approximate value is float(sum_m qlut[m][code_m]) * step + bias (step = 1 / scale
+// in float32: a multiply per row, not a division), where bias is
 // the sum of the minima plus, with residual codes (row = c_b + r), a leaf term (reduced as the exact
 // distances of rerank_topk): -q.c_b for inner products; for l2, ||q - c_b||^2, with the table of
 // -(2q).centroid and the row's `row_terms` entry e = 2 c_b.r + ||r||^2 added to its value
@@ -40,10 +41,18 @@ namespace {
 constexpr int64_t kBlockRows = 32;
 constexpr int kCentroids = 16;
 
+// Byte offset of sub-space m's 32 table bytes: the tables come in groups of four per two sub-space pairs
+// (pairs 2g, 2g + 1: low-nibble tables of both, then high-nibble tables of both), so one 64-byte load
+// gives an AVX-512 register the low (or high) tables of two pairs, whose codes are 64 contiguous bytes.
+inline int64_t table_offset(int64_t m) {
+    const int64_t p = m >> 1;
+    return ((p >> 1) * 4 + (m & 1) * 2 + (p & 1)) * 32;
+}
+
 // The quantized table of one query (and leaf): each sub-space's 16 bytes stored twice (both 128-bit
-// lanes of an AVX2 register), and what turns a byte sum back into a value.
+// lanes of an AVX2 register) at table_offset, and what turns a byte sum back into a value.
 struct QuantTable {
-    std::vector<uint8_t> bytes;  // [2 * M2][32]
+    std::vector<uint8_t> bytes;  // [ceil(M2 / 2)][4][32], zero past the last sub-space
     float scale = 1.0f, bias = 0.0f;
     std::vector<float> mins;  // scratch: each sub-space's smallest entry
 };
@@ -78,7 +87,7 @@ inline void table_input(const float* q, bool twice, int64_t d, float* t) {
 
 void quantize_lut(const float* lut, int64_t M, QuantTable& t) {
     const int64_t M2 = (M + 1) / 2;
-    t.bytes.assign(static_cast<size_t>(M2 * 2 * 32), 0);
+    t.bytes.assign(static_cast<size_t>((M2 + 1) / 2 * 128), 0);
     std::vector<float>& mins = t.mins;
     mins.resize(static_cast<size_t>(M));
     float max_range = 0.0f, sum_range = 0.0f, bias = 0.0f;
@@ -93,7 +102,7 @@ void quantize_lut(const float* lut, int64_t M, QuantTable& t) {
     t.scale = max_range > 0.0f ? std::min(255.0f / max_range, (65535.0f - static_cast<float>(M)) / sum_range) : 1.0f;
     t.bias = bias;
     for (int64_t m = 0; m < M; ++m) {
-        uint8_t* out = t.bytes.data() + m * 32;  // sub-space m: register 2p (low nibbles) or 2p + 1 (high)
+        uint8_t* out = t.bytes.data() + table_offset(m);
         for (int j = 0; j < kCentroids; ++j) {
             // Round half to even without a libm call: exact for 0 <= x < 2^23 (x is at most about 255).
             const float x = (lut[m * kCentroids + j] - mins[m]) * t.scale;
@@ -201,8 +210,8 @@ void block_sums_portable(const uint8_t* block, int64_t M2, const uint8_t* table,
     for (int v = 0; v < kBlockRows; ++v) sums[v] = 0;
     for (int64_t p = 0; p < M2; ++p) {
         const uint8_t* codes = block + p * 32;
-        const uint8_t* lo = table + (2 * p) * 32;
-        const uint8_t* hi = table + (2 * p + 1) * 32;
+        const uint8_t* lo = table + table_offset(2 * p);
+        const uint8_t* hi = table + table_offset(2 * p + 1);
         for (int v = 0; v < kBlockRows; ++v) sums[v] += lo[codes[v] & 15] + hi[codes[v] >> 4];
     }
 }
@@ -214,6 +223,7 @@ using BlockScanFn = void (*)(const uint8_t* blocks, int64_t n_rows, int64_t M2, 
 
 void scan_blocks_portable(const uint8_t* blocks, int64_t n_rows, int64_t M2, const uint8_t* table, float scale,
                           float bias, const float* terms, int32_t first, Reservoir& top) {
+    const float step = 1.0f / scale;
     uint32_t sums[kBlockRows];
     for (int64_t b = 0; b * kBlockRows < n_rows; ++b) {
         const int64_t thr = terms ? 65535 : sum_threshold(top.bound(), scale, bias);
@@ -223,7 +233,7 @@ void scan_blocks_portable(const uint8_t* blocks, int64_t n_rows, int64_t M2, con
         for (int64_t v = 0; v < valid; ++v) {
             const int64_t row = b * kBlockRows + v;
             if (sums[v] > thr) continue;
-            const float value = static_cast<float>(sums[v]) / scale + bias;
+            const float value = static_cast<float>(sums[v]) * step + bias;
             if (!terms) {
                 top.push(value, first + static_cast<int32_t>(row));
             } else if (!(value + terms[row] > top.bound())) {
@@ -245,8 +255,8 @@ __attribute__((target("avx2"))) inline void block_sums_avx2(const uint8_t* block
     __m256i all[NB], hi[NB];  // locals: the outputs may alias the tables (char pointers), so no spills per step
     for (int i = 0; i < NB; ++i) all[i] = hi[i] = _mm256_setzero_si256();
     for (int64_t p = 0; p < M2; ++p) {
-        const __m256i lut_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 2 * p * 32));
-        const __m256i lut_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + (2 * p + 1) * 32));
+        const __m256i lut_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + table_offset(2 * p)));
+        const __m256i lut_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + table_offset(2 * p + 1)));
         for (int i = 0; i < NB; ++i) {
             const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (i * M2 + p) * 32));
             const __m256i r0 = _mm256_shuffle_epi8(lut_lo, _mm256_and_si256(c, low4));
@@ -264,7 +274,7 @@ __attribute__((target("avx2"))) inline void block_sums_avx2(const uint8_t* block
 // Offers the rows of one block (first `valid` of 32) whose sum is at most thr; with terms (the block's 32
 // rows' terms, valid of them real), the rows whose value plus term is not above the top's bound.
 __attribute__((target("avx2"))) inline void offer_block_avx2(__m256i even, __m256i odd, int64_t thr, int64_t valid,
-                                                             float scale, float bias, const float* terms,
+                                                             float step, float bias, const float* terms,
                                                              int32_t first, Reservoir& top) {
     const __m256i tv = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(thr)));
     const uint32_t me = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_min_epu16(even, tv), even)));
@@ -272,11 +282,21 @@ __attribute__((target("avx2"))) inline void offer_block_avx2(__m256i even, __m25
     uint32_t pass = (me & 0x55555555u) | ((mo & 0x55555555u) << 1);  // bit v: row v's sum <= thr
     if (valid < kBlockRows) pass &= (uint32_t{1} << valid) - 1;
     if (!pass) return;
-    // The 32 values at once (the same IEEE operations per lane as the scalar float(s) / scale + bias
-    // (+ term)), so offers do not wait on a conversion and a division each. Lane i of half h of a parity's
-    // sums is row 2 (8 h + i) + parity.
+    if (!terms) {  // the passing rows alone (a few per block once the top fills): a conversion and a multiply each
+        alignas(32) uint16_t sums[2][16];  // [row parity][row / 2]
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), even);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), odd);
+        for (; pass; pass &= pass - 1) {
+            const int v = __builtin_ctz(pass);
+            top.push(static_cast<float>(sums[v & 1][v >> 1]) * step + bias, first + v);
+        }
+        return;
+    }
+    // With terms every row's value + term is compared with the bound: the 32 values at once (the same IEEE
+    // operations per lane as the scalar float(s) * step + bias + term). Lane i of half h of a parity's sums
+    // is row 2 (8 h + i) + parity.
     alignas(32) float values[2][16];  // [row parity][row / 2]
-    const __m256 sc = _mm256_set1_ps(scale), bi = _mm256_set1_ps(bias);
+    const __m256 sc = _mm256_set1_ps(step), bi = _mm256_set1_ps(bias);
     const __m256i sums[2] = {even, odd};
     const __m256 bound = _mm256_set1_ps(top.bound());
     uint32_t below = 0;  // bit v: row v's value + term is not above the bound
@@ -284,52 +304,112 @@ __attribute__((target("avx2"))) inline void offer_block_avx2(__m256i even, __m25
         for (int half = 0; half < 2; ++half) {
             const __m128i s16 = half ? _mm256_extracti128_si256(sums[parity], 1) : _mm256_castsi256_si128(sums[parity]);
             const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(s16));
-            __m256 value = _mm256_add_ps(_mm256_div_ps(f, sc), bi);
-            if (terms) {  // rows 16 h + 2 i + parity, i = 0..7: de-interleave two loads of 8
-                const __m256 t0 = _mm256_loadu_ps(terms + 16 * half), t1 = _mm256_loadu_ps(terms + 16 * half + 8);
-                const __m256 mixed = parity ? _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1))
-                                            : _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
-                value = _mm256_add_ps(value, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mixed),
-                                                                                    _MM_SHUFFLE(3, 1, 2, 0))));
-                const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(value, bound, _CMP_NGT_UQ)));
-                for (int i = 0; i < 8; ++i) below |= ((m >> i) & 1u) << (2 * (8 * half + i) + parity);
-            }
+            // Terms of rows 16 h + 2 i + parity, i = 0..7: de-interleave two loads of 8.
+            const __m256 t0 = _mm256_loadu_ps(terms + 16 * half), t1 = _mm256_loadu_ps(terms + 16 * half + 8);
+            const __m256 mixed = parity ? _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 1, 3, 1))
+                                        : _mm256_shuffle_ps(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+            const __m256 value = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(f, sc), bi),
+                                               _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(mixed),
+                                                                                      _MM_SHUFFLE(3, 1, 2, 0))));
+            const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(value, bound, _CMP_NGT_UQ)));
+            for (int i = 0; i < 8; ++i) below |= ((m >> i) & 1u) << (2 * (8 * half + i) + parity);
             _mm256_store_ps(values[parity] + 8 * half, value);
         }
     }
-    if (terms) pass &= below;
+    pass &= below;
     for (; pass; pass &= pass - 1) {
         const int v = __builtin_ctz(pass);
         top.push(values[v & 1][v >> 1], first + v);
     }
 }
 
-__attribute__((target("avx2"))) void scan_blocks_avx2(const uint8_t* blocks, int64_t n_rows, int64_t M2,
+// Byte sums of NB consecutive blocks with AVX-512: one 64-byte load holds the codes of two sub-space pairs
+// (contiguous in a block), one shuffle looks both up in their tables (table_offset's grouping), so a pair
+// costs half the instructions of the AVX2 loop; the two 256-bit halves are added at the end, giving the
+// AVX2 loop's lanes (all / odd as there, so the same exact sums). With an odd number of pairs the last
+// load is masked to its 32 bytes and the table past it is zero.
+template <int NB>
+__attribute__((target("avx512bw"))) inline void block_sums_avx512(const uint8_t* block, int64_t M2, const uint8_t* table,
+                                                                  __m256i* even, __m256i* odd) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i all[NB], hi[NB];
+    for (int i = 0; i < NB; ++i) all[i] = hi[i] = _mm512_setzero_si512();
+    for (int64_t p = 0; p < M2; p += 2) {
+        const __m512i lut_lo = _mm512_loadu_si512(table + p * 64);  // table_offset(2p) = 64 p for even p
+        const __m512i lut_hi = _mm512_loadu_si512(table + p * 64 + 64);
+        const __mmask64 load = p + 1 < M2 ? ~__mmask64{0} : __mmask64{0xFFFFFFFFu};
+        for (int i = 0; i < NB; ++i) {
+            const __m512i c = _mm512_maskz_loadu_epi8(load, block + (i * M2 + p) * 32);
+            const __m512i r0 = _mm512_shuffle_epi8(lut_lo, _mm512_and_si512(c, low4));
+            const __m512i r1 = _mm512_shuffle_epi8(lut_hi, _mm512_and_si512(_mm512_srli_epi16(c, 4), low4));
+            all[i] = _mm512_add_epi16(all[i], _mm512_add_epi16(r0, r1));
+            hi[i] = _mm512_add_epi16(hi[i], _mm512_add_epi16(_mm512_srli_epi16(r0, 8), _mm512_srli_epi16(r1, 8)));
+        }
+    }
+    // The halves by masked extracts: GCC 12 (-Wall) warns on the undefined source inside the cast and the
+    // unmasked extract.
+    for (int i = 0; i < NB; ++i) {
+        const __m256i a = _mm256_add_epi16(_mm512_maskz_extracti64x4_epi64(0xF, all[i], 0),
+                                           _mm512_maskz_extracti64x4_epi64(0xF, all[i], 1));
+        const __m256i h = _mm256_add_epi16(_mm512_maskz_extracti64x4_epi64(0xF, hi[i], 0),
+                                           _mm512_maskz_extracti64x4_epi64(0xF, hi[i], 1));
+        even[i] = _mm256_sub_epi16(a, _mm256_slli_epi16(h, 8));
+        odd[i] = h;
+    }
+}
+
+// Sums of up to kGroupBlocks consecutive blocks (two at a time: the table loads are shared and the chains
+// independent) into even / odd.
+constexpr int64_t kGroupBlocks = 8;
+using GroupSumsFn = void (*)(const uint8_t* blocks, int64_t n_blocks, int64_t M2, const uint8_t* table,
+                             __m256i* even, __m256i* odd);
+
+__attribute__((target("avx2"))) inline void group_sums_avx2(const uint8_t* blocks, int64_t n_blocks, int64_t M2,
+                                                            const uint8_t* table, __m256i* even, __m256i* odd) {
+    int64_t i = 0;
+    for (; i + 2 <= n_blocks; i += 2) block_sums_avx2<2>(blocks + i * M2 * 32, M2, table, even + i, odd + i);
+    if (i < n_blocks) block_sums_avx2<1>(blocks + i * M2 * 32, M2, table, even + i, odd + i);
+}
+
+// The AVX-512 sums behind a call (not inlined into the AVX2 loop below), once per kGroupBlocks blocks.
+__attribute__((target("avx512bw"))) void group_sums_avx512(const uint8_t* blocks, int64_t n_blocks, int64_t M2,
+                                                           const uint8_t* table, __m256i* even, __m256i* odd) {
+    int64_t i = 0;
+    for (; i + 2 <= n_blocks; i += 2) block_sums_avx512<2>(blocks + i * M2 * 32, M2, table, even + i, odd + i);
+    if (i < n_blocks) block_sums_avx512<1>(blocks + i * M2 * 32, M2, table, even + i, odd + i);
+}
+
+template <GroupSumsFn Sums>
+__attribute__((target("avx2"))) void scan_blocks_simd(const uint8_t* blocks, int64_t n_rows, int64_t M2,
                                                       const uint8_t* table, float scale, float bias,
                                                       const float* terms, int32_t first, Reservoir& top) {
-    constexpr int kGroup = 2;  // blocks summed together: the table loads are shared and the chains independent
-    __m256i even[kGroup], odd[kGroup];
+    __m256i even[kGroupBlocks], odd[kGroupBlocks];
     float tail[kBlockRows];
+    const float step = 1.0f / scale;
     const int64_t n_blocks = (n_rows + kBlockRows - 1) / kBlockRows;
-    for (int64_t b = 0; b < n_blocks; b += kGroup) {
-        if (!terms && sum_threshold(top.bound(), scale, bias) < 0) return;
-        const int64_t group = std::min<int64_t>(kGroup, n_blocks - b);
-        switch (group) {
-            case 4: block_sums_avx2<4>(blocks + b * M2 * 32, M2, table, even, odd); break;
-            case 3: block_sums_avx2<3>(blocks + b * M2 * 32, M2, table, even, odd); break;
-            case 2: block_sums_avx2<2>(blocks + b * M2 * 32, M2, table, even, odd); break;
-            default: block_sums_avx2<1>(blocks + b * M2 * 32, M2, table, even, odd);
+    // The sum threshold follows the top's bound, which moves only when the top is cut; false: no further row
+    // of this leaf can enter.
+    float bound = top.bound();
+    int64_t thr = terms ? 65535 : sum_threshold(bound, scale, bias);
+    const auto open = [&] {
+        if (!terms && !(top.bound() == bound)) {
+            bound = top.bound();
+            thr = sum_threshold(bound, scale, bias);
         }
+        return thr >= 0;
+    };
+    for (int64_t b = 0; b < n_blocks && open(); b += kGroupBlocks) {
+        const int64_t group = std::min(kGroupBlocks, n_blocks - b);
+        Sums(blocks + b * M2 * 32, group, M2, table, even, odd);
         for (int64_t i = 0; i < group; ++i) {
-            const int64_t thr = terms ? 65535 : sum_threshold(top.bound(), scale, bias);
-            if (thr < 0) return;
+            if (!open()) return;
             const int64_t valid = std::min(kBlockRows, n_rows - (b + i) * kBlockRows);
             const float* block_terms = terms ? terms + (b + i) * kBlockRows : nullptr;
             if (terms && valid < kBlockRows) {  // the leaf's last block: its terms, zero past its end (not read beyond)
                 std::fill(std::copy(block_terms, block_terms + valid, tail), tail + kBlockRows, 0.0f);
                 block_terms = tail;
             }
-            offer_block_avx2(even[i], odd[i], thr, valid, scale, bias, block_terms,
+            offer_block_avx2(even[i], odd[i], thr, valid, step, bias, block_terms,
                              first + static_cast<int32_t>((b + i) * kBlockRows), top);
         }
     }
@@ -339,7 +419,8 @@ __attribute__((target("avx2"))) void scan_blocks_avx2(const uint8_t* blocks, int
 
 BlockScanFn pick_block_scan() {
 #ifdef JAXIDX_X86
-    if (use_avx2()) return scan_blocks_avx2;
+    if (use_avx512bw()) return scan_blocks_simd<group_sums_avx512>;
+    if (use_avx2()) return scan_blocks_simd<group_sums_avx2>;
 #endif
     return scan_blocks_portable;
 }

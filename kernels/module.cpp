@@ -20,6 +20,21 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("codebooks"), py::arg("centres"), py::arg("row_offsets"), py::arg("block_offsets"),
           py::arg("leaves"), py::arg("lens"), py::arg("reorder"), py::arg("k"), py::arg("metric"),
           py::arg("n_threads"), py::arg("row_terms"), py::arg("row_ids"));
+    m.def(
+        "simd_paths",
+        [] {
+            std::string exact = "portable", fastscan = "portable";
+#if defined(__x86_64__) || defined(__i386__)
+            if (jaxidx::use_avx2()) exact = fastscan = "avx2";
+            if (jaxidx::use_avx512bw()) fastscan = "avx512bw";
+#endif
+            py::dict out;
+            out["exact"] = exact;        // rerank_topk, merge_rerank_topk, pq4_search's re-rank
+            out["pq4_scan"] = fastscan;  // pq4_search's code scan
+            return out;
+        },
+        "The instruction set each kernel family runs on this CPU (chosen at run time; JAXIDX_NO_AVX2 / "
+        "JAXIDX_NO_AVX512 force the narrower paths).");
     m.def("balanced_assign", &jaxidx::balanced_assign, py::arg("candidates"), py::arg("n_buckets"),
           py::arg("order"), py::arg("capacity"), py::arg("initial_counts"), py::arg("n_choices"),
           py::arg("n_threads"));

@@ -47,6 +47,8 @@ flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives a
                   "the dims pq4.choose_dims picks; 0 = as trained. The same --workdir may be given twice.")
 flags.DEFINE_list("anisotropic", [], "Per --workdir, in the same order, with --quantize: the score-aware loss's "
                   "threshold T for the codes (angular / dot data; 0 = plain PQ).")
+flags.DEFINE_list("pq4_scan", [], "Per --workdir, in the same order: the 4-bit scan's instruction set, 'auto' (the "
+                  "best the CPU has) or 'avx2' (AVX-512 off, to measure what it buys in the same run).")
 flags.DEFINE_integer("hnsw_build_threads", 0, "Threads for the hnswlib build only (0 = all cores of the machine).")
 flags.DEFINE_enum("recall", "recall@10", ["recall@10", "recall@10_distance"], "The summary's recall (not --suite, "
                   "which counts by distance): by id, or by distance as ann-benchmarks (exact ties on binary rows).")
@@ -85,11 +87,15 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         data = data_i
         n_buckets = index.stats()["n_buckets"]
         nlist = nlist or n_buckets
+        scan = FLAGS.pq4_scan[i] if i < len(FLAGS.pq4_scan) else "auto"
         name = (f"{index.method} (B {n_buckets}" + (f", pq4 {dims} dims/sub-space" if dims else "")
                 + (f", anisotropic T {threshold}" if dims and threshold else "")
+                + (f", {scan} scan" if scan != "auto" else "")
                 + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")"))
         builds[name] = float(index.info.get("train_seconds", 0.0))
-        for r in evaluate(index, data, index.config.search.settings, 10, warm=True):
+        with bench.pq4_scan(scan):
+            results = evaluate(index, data, index.config.search.settings, 10, warm=True)
+        for r in results:
             setting = {k: v for k, v in r.items() if k not in
                        ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
             rows.append({"method": name, "setting": setting,

@@ -14,9 +14,9 @@ from jaxidx.search import host, reference
 BACKENDS = {"host": host, "reference": reference}
 
 
-def quantized_case(rng, metric="l2", residual=True, d=13, dsub=2, leaves=7, q=20, probes=4):
+def quantized_case(rng, metric="l2", residual=True, d=13, dsub=2, leaves=7, q=20, probes=4, max_rows=80):
     """A random leaf layout with PQ codes and probes: the kwargs of pq4_search (k and reorder left out)."""
-    sizes = rng.integers(0, 80, leaves)
+    sizes = rng.integers(0, max_rows, leaves)
     sizes[2] = 0
     sizes[3] = 32  # exactly one block
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
@@ -205,21 +205,37 @@ def test_pq4_search_rows_in_several_leaves(metric, reorder):
         assert (got[0] >= 0).all() and all(len(set(r)) == 4 for r in got[0])
 
 
-def test_pq4_search_portable_path_matches_reference():
-    """The non-AVX2 block loop (forced with JAXIDX_NO_AVX2) gives the same bits."""
-    code = """
+@pytest.mark.parametrize("force, path", [({}, None), ({"JAXIDX_NO_AVX512": "1"}, "avx2"),
+                                         ({"JAXIDX_NO_AVX2": "1"}, "portable")])
+def test_pq4_search_simd_paths_match_reference(force, path):
+    """Every scan path the CPU offers (AVX-512, AVX2 forced with JAXIDX_NO_AVX512, portable with
+    JAXIDX_NO_AVX2) gives the reference's bits: odd and even sub-space pair counts (a single pair too), leaves
+    of more blocks than one group of sums, IRLI's repeated rows."""
+    code = f"""
 import numpy as np
 from test_pq4 import quantized_case, repeated_case, assert_same
+from jaxidx import _kernels
 from jaxidx.search import host, reference
-for i, (metric, residual) in enumerate([("l2", True), ("ip", True), ("l2", False)]):
-    case = quantized_case(np.random.default_rng(i), metric, residual, d=11, dsub=2)
-    assert_same(host.pq4_search(**case, reorder=12, k=4, n_threads=1), reference.pq4_search(**case, reorder=12, k=4))
+path = _kernels.simd_paths()["pq4_scan"]
+want = {path!r}
+assert want is None or path in (want, "portable"), path  # the forced path, unless the CPU lacks it
+print(path)
+cases = [(i, metric, residual, d, dsub, rows) for i, (metric, residual, d, dsub, rows) in enumerate([
+    ("l2", True, 11, 2, 80), ("ip", True, 11, 2, 80), ("l2", False, 11, 2, 80), ("ip", False, 3, 2, 600),
+    ("l2", True, 13, 2, 600), ("ip", True, 50, 1, 400), ("l2", False, 50, 2, 400)])]
+for i, metric, residual, d, dsub, rows in cases:
+    case = quantized_case(np.random.default_rng(i), metric, residual, d=d, dsub=dsub, q=8, max_rows=rows)
+    for reorder in (4, 12, 300):
+        assert_same(host.pq4_search(**case, reorder=reorder, k=4, n_threads=1),
+                    reference.pq4_search(**case, reorder=reorder, k=4))
 case = repeated_case(np.random.default_rng(9), "ip", d=11)
 assert_same(host.pq4_search(**case, reorder=12, k=4, n_threads=1), reference.pq4_search(**case, reorder=12, k=4))
 """
-    env = dict(os.environ, JAXIDX_NO_AVX2="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXIDX_NO_")}
     here = os.path.dirname(__file__)
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=here)
+    out = subprocess.run([sys.executable, "-c", code], check=True, env={**env, **force}, cwd=here,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() in ("avx512bw", "avx2", "portable")
 
 
 def test_reorder_of_every_candidate_is_the_exact_search():
@@ -396,7 +412,7 @@ def test_jax_twin_tables_and_values_match_reference(metric, dsub):
         for i in range(len(queries)):
             t, s, b = reference.pq4_table(queries[i], codebooks, metric)
             want_sums = t[np.arange(m), codes.astype(np.int64)].sum(1)
-            want = want_sums.astype(np.float32) / s + b
+            want = want_sums.astype(np.float32) * (np.float32(1) / s) + b
             np.testing.assert_allclose(values[i], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
             if exact:
                 np.testing.assert_array_equal(np.asarray(table[i]), t)

@@ -243,8 +243,8 @@ def pq4_table(queries, codebooks, metric):
 @jax.jit
 def pq4_values(table, scale, bias, codes):
     """The quantized scores of rows with codes [C, M] (0..15), a lookup-table gather: (sums int32 [Q, C] of
-    their table entries, exactly the kernel's; values float32(sum) / scale + bias, which XLA may compute
-    with a reciprocal, so to rounding)."""
+    their table entries, exactly the kernel's; values float32(sum) * (1 / scale) + bias, to XLA's
+    rounding)."""
     m = codes.shape[1]
     sums = table[:, jnp.arange(m)[None, :], codes.astype(jnp.int32)].sum(-1)  # [Q, C]
-    return sums, sums.astype(jnp.float32) / scale[:, None] + bias[:, None]
+    return sums, sums.astype(jnp.float32) * (jnp.float32(1) / scale)[:, None] + bias[:, None]

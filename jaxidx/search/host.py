@@ -60,10 +60,17 @@ def merge_rerank_topk(queries, base, bucket_ids, offsets, members, k, min_count=
 
 def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens, reorder, k,
                metric="ip", n_threads=0, row_terms=None, row_ids=None):
-    """Probed leaves scored from 4-bit PQ codes (fast scan: AVX2 byte shuffles when the CPU has them),
-    the `reorder` best re-ranked exactly: (rows, dist, n_candidates). See reference.pq4_search."""
+    """Probed leaves scored from 4-bit PQ codes (fast scan: AVX-512 or AVX2 byte shuffles, whichever the CPU
+    has, `simd_paths()`), the `reorder` best re-ranked exactly: (rows, dist, n_candidates). See
+    reference.pq4_search."""
     return _kernels.pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offsets, leaves, lens,
                                reorder, k, metric, n_threads, row_terms, row_ids)
+
+
+def simd_paths():
+    """The instruction set each kernel family runs on this CPU: {"exact": ..., "pq4_scan": ...}, each
+    "avx512bw", "avx2" or "portable" (chosen at run time; JAXIDX_NO_AVX2 / JAXIDX_NO_AVX512 force narrower)."""
+    return _kernels.simd_paths()
 
 
 def topk_rows(x, k, n_threads=0):

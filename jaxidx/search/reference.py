@@ -332,8 +332,8 @@ def pq4_table(query, codebooks, metric):
     past d): l2 (q - c)^2, ip and cosine -(q . c).
     Each row is shifted by its minimum and scaled by one scale = min(255 / largest row range,
     (65535 - M) / sum of row ranges), rounded half to even and capped at 255, so a sum over the M
-    sub-spaces stays below 2^16; a row's value is then float32(sum) / scale + bias with bias the sum
-    of the minima (both sums in sub-space order)."""
+    sub-spaces stays below 2^16; a row's value is then float32(sum) * (1 / scale) + bias (the step 1 /
+    scale in float32) with bias the sum of the minima (both sums in sub-space order)."""
     m, _, dsub = codebooks.shape
     q = np.zeros(m * dsub, np.float32)
     q[:len(query)] = query
@@ -362,11 +362,11 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
     row 32 j + v's codes of sub-spaces 2p (low nibble) and 2p + 1); codebooks float32 [M, 16, dsub];
     centres float32 [L, d] (residual codes) or None; leaves int32 [Q, P] (-1 = none, no leaf twice per
     query) and lens int32 [Q, P] (the first lens rows of each probed leaf are its candidates; 0 where
-    -1). A candidate's approximate value is float32(sum over sub-spaces of its table bytes) / scale +
-    bias (`pq4_table`, one per query; with centres the bias also has the leaf's `distances(q, centre)`:
+    -1). A candidate's approximate value is float32(sum over sub-spaces of its table bytes) * (1 / scale)
+    + bias (`pq4_table`, one per query; with centres the bias also has the leaf's `distances(q, centre)`:
     -(q . centre) for ip and cosine). l2 with centres needs row_terms float32 [N] (`jaxidx.pq4.row_terms`: 2 centre .
     r + ||r||^2 of each row's decoded residual r): the table is `pq4_table(2 q, codebooks, "ip")` (-2 q .
-    centroid) and a row's value (float32(sum) / scale + (bias + ||q - centre||^2)) + row_terms[row],
+    centroid) and a row's value (float32(sum) * (1 / scale) + (bias + ||q - centre||^2)) + row_terms[row],
     ||q - centre - r||^2 expanded. The
     `reorder` candidates of smallest
     (value, row) go to `rerank_topk`'s exact distance; reorder >= k. Returns (rows [Q, k], dist
@@ -429,7 +429,7 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
                 bias = bias + distances(queries[q], centres[b], "l2" if metric == "l2" else "ip")
             r = np.arange(row_offsets[b], row_offsets[b] + n)
             sums = table[np.arange(m), row_codes[r]].sum(1)
-            value = sums.astype(np.float32) / scale + bias
+            value = sums.astype(np.float32) * (np.float32(1) / scale) + bias
             values.append(value + row_terms[r] if row_terms is not None else value)
             rows.append((r if row_ids is None else row_ids[r]).astype(np.int32))
             n_cand[q] += n
