@@ -32,8 +32,21 @@ N_CENTROIDS = 16  # 4-bit codes
 BLOCK_ROWS = 32   # rows per fast-scan block (one AVX2 register of codes per sub-space pair)
 
 
+# Bytes of per-row working arrays (every sub-space's distances to its 16 centroids, the rows split into
+# sub-spaces) that training and encoding hold at once: 1M-row blocks of 768-d rows at dsub 1 would take
+# 50 GB, so the rows per pass follow M and dsub (GloVe 50-d keeps the full 65536-row sample).
+PASS_BYTES = 1 << 28
+
+
 def n_subspaces(d: int, dsub: int) -> int:
     return -(-d // dsub)
+
+
+def rows_per_pass(d: int, dsub: int, limit: int) -> int:
+    """At most `limit` rows, and no more than keep [M, rows, 16 + 4 dsub] float32 within PASS_BYTES (in
+    multiples of 1024, few compiled shapes; 1024 at least)."""
+    per_row = 4 * n_subspaces(d, dsub) * (N_CENTROIDS + 4 * dsub)
+    return min(limit, max(1024, PASS_BYTES // per_row // 1024 * 1024))
 
 
 def _split(x: jax.Array, dsub: int) -> jax.Array:
@@ -141,8 +154,11 @@ def _anisotropic_lloyd(x, u, init, eta, dsub, n_iter):
         par = jnp.einsum("mnd,mnd->mn", err, us, precision=hi)
         a = par.sum(0)[None] - par + jnp.einsum("mnd,mnd->mn", xs, us, precision=hi)  # [M, n]
         counts = onehot.sum(1)                                                       # [M, 16]
-        lhs = (counts[..., None, None] * jnp.eye(dsub, dtype=xs.dtype)
-               + w * jnp.einsum("mnk,mnd,mne->mkde", onehot, us, us, precision=hi))
+        # sum of u u^T over each centroid's rows, one centroid at a time: [M, n, dsub] at once, not the
+        # [M, n, 16, dsub] of a single einsum
+        uu = jax.lax.map(lambda k: jnp.einsum("mnd,mne->mde", us * (codes == k)[..., None], us, precision=hi),
+                         jnp.arange(N_CENTROIDS))                                      # [16, M, dsub, dsub]
+        lhs = counts[..., None, None] * jnp.eye(dsub, dtype=xs.dtype) + w * uu.transpose(1, 0, 2, 3)
         rhs = (jnp.einsum("mnk,mnd->mkd", onehot, xs, precision=hi)
                + w * jnp.einsum("mnk,mn,mnd->mkd", onehot, a, us, precision=hi))
         safe = jnp.where(counts[..., None, None] > 0, lhs, jnp.eye(dsub, dtype=xs.dtype))
@@ -155,16 +171,18 @@ def _anisotropic_lloyd(x, u, init, eta, dsub, n_iter):
 def train_codebooks(x: np.ndarray, dsub: int = 2, *, n_iter: int = 20, sample: int = 65536,
                     seed: int = 0, directions: np.ndarray | None = None, eta: float = 1.0) -> np.ndarray:
     """Codebooks [M, 16, dsub] float32: k-means with 16 centroids in every sub-space of the rows of x
-    (a seeded sample of `sample` rows; 0 = all), all sub-spaces in one jitted Lloyd loop, started
-    from 16 distinct sample rows. With `directions` [n, d] (the rows whose inner products the codes
-    serve: x itself, or the vectors whose residuals x holds) and eta > 1: under the anisotropic loss."""
+    (a seeded sample of `sample` rows, 0 = all, capped by `rows_per_pass`: a few thousand rows still give
+    each centroid hundreds), all sub-spaces in one jitted Lloyd loop, started from 16 distinct sample rows.
+    With `directions` [n, d] (the rows whose inner products the codes serve: x itself, or the vectors
+    whose residuals x holds) and eta > 1: under the anisotropic loss."""
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or len(x) < N_CENTROIDS:
         raise ValueError(f"pq4: need at least {N_CENTROIDS} training rows [n, d], got shape {x.shape}")
     if dsub < 1:
         raise ValueError(f"pq4: dsub (dimensions per sub-space) must be >= 1, got {dsub}")
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(x), sample, replace=False)) if 0 < sample < len(x) else np.arange(len(x))
+    sample = rows_per_pass(x.shape[1], dsub, sample if sample > 0 else len(x))
+    rows = np.sort(rng.choice(len(x), sample, replace=False)) if sample < len(x) else np.arange(len(x))
     x = x[rows]
     init = x[rng.choice(len(x), N_CENTROIDS, replace=False)]
     if directions is None or eta == 1.0:
@@ -234,11 +252,13 @@ ANISOTROPIC_SWEEPS = 3  # coordinate-descent passes when encoding (the loss bare
 def encode(x: np.ndarray, codebooks: np.ndarray, block: int = 65536, *, directions: np.ndarray | None = None,
            eta: float = 1.0) -> np.ndarray:
     """Codes [n, M] uint8 (0..15): each sub-space's nearest centroid (squared L2); with `directions` [n, d]
-    and eta > 1, the codes of least anisotropic loss (module docstring)."""
+    and eta > 1, the codes of least anisotropic loss (module docstring). Rows go `block` at a time, fewer
+    where `rows_per_pass` says so."""
     x = np.asarray(x, np.float32)
     m, _, dsub = codebooks.shape
     if x.ndim != 2 or n_subspaces(x.shape[1], dsub) != m:
         raise ValueError(f"pq4: rows of shape {x.shape} do not match codebooks {codebooks.shape}")
+    block = rows_per_pass(x.shape[1], dsub, block)
     aniso = directions is not None and eta != 1.0
     cb = jnp.asarray(codebooks)
     out = np.empty((len(x), m), np.uint8)

@@ -133,6 +133,15 @@ def test_choose_dims_follows_the_data():
     assert pq4.choose_dims(*_leaf_layout(rows, 32, rng), "l2") >= 4
 
 
+def test_rows_per_pass_bounds_the_working_memory():
+    """Training and encoding hold [M, rows, 16 + 4 dsub] floats at once: the rows follow M and dsub."""
+    assert pq4.rows_per_pass(50, 2, 65536) == 65536  # GloVe: the whole default sample
+    n = pq4.rows_per_pass(768, 1, 65536)
+    assert 1024 <= n < 65536 and n % 1024 == 0 and 4 * 768 * (16 + 4) * n <= pq4.PASS_BYTES
+    assert pq4.rows_per_pass(768, 1, 500) == 500  # never above the limit asked
+    assert pq4.rows_per_pass(100_000, 1, 65536) == 1024  # the floor
+
+
 def test_anisotropic_codes_trade_parallel_error_for_inner_products():
     """ScaNN's score-aware loss: eta 1 is plain PQ; eta > 1 codes (coordinate descent) and codebooks (the
     per-centroid solve) each lower the anisotropic loss, the parallel error most, and rank the top inner
