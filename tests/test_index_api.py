@@ -326,6 +326,21 @@ def test_load_a_run_directory_trained_from_the_cli(preset, tmp_path):
         assert a[key] == b[key] and a["candidates_per_query"] == b["candidates_per_query"]
 
 
+def test_timed_keeps_the_fastest_of_repeated_short_runs():
+    """Benchmarks time a search as the fastest of up to max_runs runs while the runs stay under min_seconds
+    in all (after one untimed warm run); a long run is timed once."""
+    from jaxidx.evaluate import timed
+    calls = []
+
+    def run():
+        calls.append(1)
+        return len(calls)
+    out, seconds = timed(run, warm=True, min_seconds=60.0, max_runs=3)
+    assert (len(calls), out) == (4, 4) and seconds >= 0
+    calls.clear()
+    assert timed(run, warm=False, min_seconds=0.0)[0] == 1 and len(calls) == 1
+
+
 def test_one_vs_rest_peer_lives_in_the_library(xmc):
     from jaxidx import bench
     from jaxidx.metrics import xmc_report
