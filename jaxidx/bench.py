@@ -71,15 +71,15 @@ def ann_row(method: str, setting: dict, ids, dist_bench, n_cand, seconds: float,
 
 
 def faiss_ivf_row(index, name: str, setting: dict, data) -> dict:
-    """One warm, timed search of all queries by a faiss IVF index at its current parameters, candidates
-    counted by faiss's IVF statistics (the warm pass: as `evaluate(..., warm=True)` warms the learned
-    indexes)."""
+    """One warm, timed search of all queries by a faiss IVF index at its current parameters (`timed`),
+    candidates counted by faiss's IVF statistics over the warm pass alone (as `evaluate(..., warm=True)`
+    warms the learned indexes; the statistics add up over the timed runs)."""
     import faiss
     from jaxidx.data.types import benchmark_distance
-    index.search(data.queries, 10)
     faiss.cvar.indexIVF_stats.reset()
-    (score, ids), sec = timed(lambda: index.search(data.queries, 10), warm=False)
+    index.search(data.queries, 10)
     ncand = faiss.cvar.indexIVF_stats.ndis / len(data.queries)
+    (score, ids), sec = timed(lambda: index.search(data.queries, 10), warm=False)
     ip = data.kernel_metric == "ip"
     return ann_row(name, setting, ids, benchmark_distance(-score if ip else score, data.metric), ncand, sec, data)
 

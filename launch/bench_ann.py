@@ -189,7 +189,8 @@ def run_suite() -> dict:
             lmi.config.search.n_threads = FLAGS.threads
             for r in evaluate(lmi, data, [dict(s, route="centroids") for s in lmi.config.search.settings
                                           if "max_candidates" not in s], 10, warm=True):
-                rows.append({"method": f"lmi-centroids (B {nlist})", "setting": {"n_probe": r["n_probe"]},
+                rows.append({"method": f"lmi-centroids (B {nlist})",
+                             "setting": {k: r[k] for k in ("n_probe", "reorder") if k in r},
                              **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
                                                   "queries_per_second")}})
         prows, pbuilds = peer_rows(data, nlist)

@@ -65,5 +65,7 @@ def test_bench_ann_suite_runs_and_reports_ratios_to_ivf(tmp_path):
     rows = {r["method"].split(" ")[0]: r for r in res["suite"]}
     assert {"lmi", "irli", "faiss-ivf-flat", "brute"} <= set(rows)
     assert rows["faiss-ivf-flat"]["qps_vs_ivf@0.90"] == 1.0
+    ivf = [r for r in res["rows"][spec] if r["method"].startswith("faiss-ivf-flat")]
+    assert max(r["candidates_per_query"] for r in ivf) == 2000  # all lists: the base once (not once per timed run)
     for m in ("lmi", "irli"):
         assert rows[m]["cand@0.90"] != "not reached" and rows[m]["cand_vs_ivf@0.90"] > 0
