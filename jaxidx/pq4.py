@@ -33,8 +33,8 @@ BLOCK_ROWS = 32   # rows per fast-scan block (one AVX2 register of codes per sub
 
 
 # Bytes of per-row working arrays (every sub-space's distances to its 16 centroids, the rows split into
-# sub-spaces) that training and encoding hold at once: 1M-row blocks of 768-d rows at dsub 1 would take
-# 50 GB, so the rows per pass follow M and dsub (GloVe 50-d keeps the full 65536-row sample).
+# sub-spaces) that training and encoding hold at once: a 65536-row pass of 768-d rows at dsub 1 took 3.2 GB
+# of distances alone, so the rows per pass follow M and dsub (GloVe 50-d keeps the full 65536-row sample).
 PASS_BYTES = 1 << 28
 
 

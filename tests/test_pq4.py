@@ -247,6 +247,21 @@ assert_same(host.pq4_search(**case, reorder=12, k=4, n_threads=1), reference.pq4
     assert out.stdout.strip() in ("avx512bw", "avx2", "portable")
 
 
+def test_pq4_scan_context_switches_the_kernel_path():
+    """bench.pq4_scan('avx2') turns AVX-512 off for the searches inside it (bench_ann --pq4_scan) and
+    restores the path after; an unknown path is an error naming the flag."""
+    from jaxidx import bench
+    before = host.simd_paths()
+    if before["pq4_scan"] == "portable":
+        pytest.skip("this CPU has no AVX2 path")
+    with bench.pq4_scan("avx2"):
+        assert host.simd_paths()["pq4_scan"] == "avx2"
+    assert host.simd_paths() == before
+    with pytest.raises(ValueError, match="--pq4_scan"):
+        with bench.pq4_scan("avx512"):
+            pass
+
+
 def test_reorder_of_every_candidate_is_the_exact_search():
     """Re-ranking every candidate gives rerank_topk's result over the same rows: the codes only order them."""
     case = quantized_case(np.random.default_rng(5), "l2", True, d=20, dsub=2)
