@@ -40,8 +40,8 @@ def machine() -> str:
     except OSError:
         pass
     import jax
-    from jaxidx import _kernels
-    paths = _kernels.simd_paths()
+    from jaxidx.search.host import simd_paths
+    paths = simd_paths()
     return (f"{model}, {len(os.sched_getaffinity(0))} usable cores of {os.cpu_count()}, "
             f"Python {platform.python_version()}, JAX {jax.__version__} ({jax.default_backend()}), "
             f"kernels: exact {paths['exact']}, 4-bit scan {paths['pq4_scan']}")
@@ -242,14 +242,14 @@ def one_by_one(search, queries: list) -> tuple[list, list]:
 def pq4_scan(path: str):
     """A context in which the 4-bit fast scan runs on `path`: 'auto' (the best the CPU has) or 'avx2' (AVX-512
     off through JAXIDX_NO_AVX512, which the kernel reads per call); an error if the CPU lacks AVX2."""
-    from jaxidx import _kernels
+    from jaxidx.search.host import simd_paths
     if path not in ("auto", "avx2"):
         raise ValueError(f"--pq4_scan: {path!r} is not 'auto' or 'avx2'")
     before = os.environ.get("JAXIDX_NO_AVX512")
     if path == "avx2":
         os.environ["JAXIDX_NO_AVX512"] = "1"
     try:
-        if path == "avx2" and _kernels.simd_paths()["pq4_scan"] != "avx2":
+        if path == "avx2" and simd_paths()["pq4_scan"] != "avx2":
             raise ValueError("--pq4_scan: this CPU (or JAXIDX_NO_AVX2) has no AVX2 path")
         yield
     finally:
