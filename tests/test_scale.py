@@ -100,9 +100,11 @@ def test_auto_rules_follow_the_data():
     x = synthetic_xmc(n_train=500, n_test=10, n_features=300, n_labels=1000, seed=0)
     c = get_config("elias", x)
     assert c.model.max_leaf == 32 and c.model.input == "dense" and c.model.beam == 16 and c.model.layout == "dense"
+    assert c.ranker.steps == 0  # few features: no sparse ranker
     c = get_config("elias", SimpleNamespace(task="xmc", n_labels=200000, n_features=10000, X_train=np.zeros((50000, 1)),
                                             name="synthetic-xmc:n=100,labels=200000"))
     assert c.model.layout == "sparse" and c.train.label_optimizer == "auto"  # [batch, K] arrays, lazy label rows
+    assert c.ranker.steps > 0  # an embedding bag over many features: the sparse ranker as stage 3
     c = get_config("irli", x)
     assert c.model.n_buckets == 64 and c.model.n_reps == 16 and c.partition.top_k == 4
     assert c.index.pq4_dims == 0 and not any(s.get("reorder") for s in c.search.settings)  # labels: no codes

@@ -19,8 +19,11 @@ shortlisted labels (positives outside the shortlist are ignored) plus
 lambda * BCE on the path scores of the positives. Training adds the clusters
 of the positive labels to the beam (teacher forcing).
 
-Package: `maths` (pure model maths), `graph` (adjacency on the host), `trainable`
-(config checks, the method and its stages), `index` (search).
+Stage 3 (ELIAS++, where `ranker.steps` > 0) fits a sparse linear ranker per label over the raw input
+features on ELIAS's own shortlists of the training rows and mixes it into the final score (`ranker`).
+
+Package: `maths` (pure model maths), `graph` (adjacency on the host), `ranker` (the sparse ranker),
+`trainable` (config checks, the method and its stages), `index` (search).
 
 Search: encoder -> top-b clusters -> `merge_topk(agg="max")` over A as a soft
 partition with R = 1 (the K best paths) -> label classifiers on that

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jaxidx import search as kernels
 from jaxidx.index import Index, is_int, query_blocks, sparse_rows
 from jaxidx.methods.common import SearchResult, check_tokens
+from jaxidx.methods.elias import ranker
 from jaxidx.methods.elias.graph import soft_partition
 from jaxidx.methods.elias.maths import (encoder_input, label_logits, log_edge_weights, make_encoder, rank_shortlist,
                                        route_clusters)
@@ -23,12 +24,16 @@ from jaxidx.search.sharded import default_mesh, device_bytes, gather_by_id, repl
 class ELIASIndex(Index):
     """A trained ELIAS model and its adjacency as a soft one-repetition partition.
 
-    arrays: `offsets` [1, C+1], `members` [1, M] (label ids) and `weights` [1, M] (edge weights a_cl).
+    arrays: `offsets` [1, C+1], `members` [1, M] (label ids) and `weights` [1, M] (edge weights a_cl); with
+    the sparse ranker (ELIAS++, `ranker`) also `ranker_offsets` [L+1], `ranker_feats` [S], `ranker_w` [S]
+    and `ranker_b` [L] (its pruned per-label weights over the input features).
     info: n_features, n_items (labels), n_clusters, and for text input vocab_size and token_len.
+    Settings: beam, shortlist, and with a ranker `rerank` (ELIAS's top labels re-scored) and `ranker_weight`
+    (the ranker's share a of the mixed log score; 0: ELIAS alone).
     """
 
     method, task = "elias", "xmc"
-    setting_keys = ("beam", "shortlist")
+    setting_keys = ("beam", "shortlist", "rerank", "ranker_weight")
 
     def __init__(self, config, params, arrays, info):
         super().__init__(config, params, arrays, info)
@@ -38,6 +43,11 @@ class ELIASIndex(Index):
         self._route = jax.jit(partial(route_clusters, self.encoder, self.config.model.alpha), static_argnames="beam")
         self._rank = jax.jit(rank_shortlist, static_argnames="k")
         self.params = jax.device_put(self.params)
+        self.has_ranker = "ranker_w" in self.arrays
+        if self.has_ranker:
+            self._ranker = jax.device_put(tuple(self.arrays[f"ranker_{k}"] for k in ("offsets", "feats", "w", "b")))
+            self._mix = jax.jit(partial(ranker.mix, steps=ranker.search_steps(self.arrays["ranker_offsets"])),
+                                static_argnames="k")
 
     @classmethod
     def from_training(cls, config, params, aux, info: dict) -> "ELIASIndex":
@@ -46,17 +56,47 @@ class ELIASIndex(Index):
         weights = np.exp(np.asarray(log_edge_weights(params.get("edges"), members, config.model.beta), np.float32))
         part = soft_partition(members, weights)
         arrays = {"offsets": part.offsets, "members": part.members, "weights": part.weights}
+        params = dict(params)
+        if "ranker" in params:  # stage 3: the ranker's weights pruned into a CSR by label
+            r = params.pop("ranker")
+            arrays["ranker_offsets"], arrays["ranker_feats"], arrays["ranker_w"] = ranker.prune(
+                np.asarray(aux["ranker_offsets"]), np.asarray(aux["ranker_feats"]), np.asarray(r["w"]),
+                config.ranker.prune)
+            arrays["ranker_b"] = np.asarray(r["b"], np.float32)
         return cls(config, params, arrays, dict(info, n_clusters=members.shape[0]))
 
     def default_setting(self) -> dict:
         m = self.config.model
-        return {"beam": m.beam, "shortlist": m.shortlist, **super().default_setting()}
+        extra = ({"rerank": self.config.ranker.rerank, "ranker_weight": self.config.ranker.weight}
+                 if self.has_ranker else {})
+        return {"beam": m.beam, "shortlist": m.shortlist, **extra, **super().default_setting()}
 
     def _check_setting(self, setting: dict) -> None:
-        for key in ("beam", "shortlist"):
+        for key in ("beam", "shortlist", "rerank"):
             v = setting.get(key, 1)
             if not is_int(v) or v < 1:
                 raise ValueError(f"search: {key}={v!r} must be an integer >= 1")
+        a = setting.get("ranker_weight", 0.0)
+        if isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not 0 <= a <= 1:
+            raise ValueError(f"search: ranker_weight={a!r} must be a number in [0, 1]")
+        if not self.has_ranker and ("rerank" in setting or a):
+            raise ValueError("search: rerank and ranker_weight need an index trained with the sparse ranker "
+                             "(config ranker.steps > 0)")
+
+    def _reranked(self, setting: dict, k: int, K: int) -> tuple[int, float]:
+        """(labels to take from ELIAS's ranking, the ranker's weight in their final score; 0: not used)."""
+        a = float(setting.get("ranker_weight", self.config.ranker.weight if self.has_ranker else 0.0))
+        if a == 0:
+            return min(k, K), 0.0
+        return min(max(k, setting.get("rerank", self.config.ranker.rerank)), K), a
+
+    def _finish(self, x, top, score, k: int, weight: float):
+        """ELIAS's top labels, re-scored with the ranker at `weight` > 0: (ids, scores) [Q, <= k]."""
+        if weight == 0:
+            return np.asarray(top), np.asarray(score)
+        ids, scores = self._mix(*self._ranker, jnp.asarray(x["idx"]), jnp.asarray(x["val"]), top, score, weight,
+                                k=min(k, top.shape[1]))
+        return np.asarray(ids), np.asarray(scores)
 
     def _prepare(self, queries):
         """CSR / dense features, or padded sparse rows (with 'tokens' for a text encoder), checked."""
@@ -83,10 +123,12 @@ class ELIASIndex(Index):
         cfg, sh = self.config, self._sharded
         beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
         K = setting.get("shortlist", cfg.model.shortlist)
+        R, weight = self._reranked(setting, k, K)
         out_ids, out_scores, out_cand = [], [], []
         for batch, n in query_blocks(queries, cfg.search.query_batch):
             x = encoder_input(cfg.model.input, batch, self.dim)
-            top, score, n_cand = sh.search(self.encoder, cfg.model.alpha, x, beam=beam, shortlist=K, k=min(k, K))
+            top, score, n_cand = sh.search(self.encoder, cfg.model.alpha, x, beam=beam, shortlist=K, k=R)
+            top, score = self._finish(batch, top, score, k, weight)
             out_ids.append(np.asarray(top)[:n])
             out_scores.append(np.asarray(score)[:n])
             out_cand.append(np.asarray(n_cand)[:n])
@@ -97,6 +139,7 @@ class ELIASIndex(Index):
         beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
         K = setting.get("shortlist", cfg.model.shortlist)
         offsets, members, weights = self.arrays["offsets"], self.arrays["members"], self.arrays["weights"]
+        R, weight = self._reranked(setting, k, K)
         out_ids, out_scores, out_cand = [], [], []
         for batch, n in query_blocks(queries, cfg.search.query_batch):
             x = encoder_input(cfg.model.input, batch, self.dim)
@@ -104,7 +147,8 @@ class ELIASIndex(Index):
             ids, paths, _, n_cand = kernels.host.merge_topk(
                 np.asarray(cids)[:, None, :], np.asarray(cscores)[:, None, :], offsets, members, weights, K, 1,
                 "max", len(self), cfg.search.n_threads)
-            top, score = self._rank(self.params, phi, ids, paths, k=min(k, K))
+            top, score = self._rank(self.params, phi, ids, paths, k=R)
+            top, score = self._finish(batch, top, score, k, weight)
             out_ids.append(np.asarray(top)[:n])
             out_scores.append(np.asarray(score)[:n])
             out_cand.append(np.asarray(n_cand)[:n])

@@ -14,6 +14,7 @@ from jaxidx import clustering
 from jaxidx.data.types import XMCData
 from jaxidx.index import query_blocks
 from jaxidx.methods.common import validate_common
+from jaxidx.methods.elias import ranker
 from jaxidx.methods.elias.graph import approximate_adjacency, home_clusters
 from jaxidx.methods.elias.index import ELIASIndex
 from jaxidx.methods.elias.maths import (
@@ -26,7 +27,7 @@ from jaxidx.train import sparse_rows
 
 log = logging.getLogger(__name__)
 
-STAGES = ("stage1", "stage2")
+STAGES = ("stage1", "stage2", "stage3")  # fixed clustering | learned edges | the sparse ranker (ranker.steps > 0)
 INPUTS = ("sparse", "dense", "text")  # embedding bag over features | densified features | transformer over tokens
 LABEL_OPTIMIZERS = ("auto", "dense", "lazy")  # AdamW over all label rows | over the step's shortlisted rows only
 
@@ -75,6 +76,24 @@ def validate_config(config, n_labels: int) -> None:
     for s in config.search.settings:
         if s.get("beam", 1) < 1 or s.get("shortlist", 1) < 1:
             raise ValueError(f"search.settings: beam and shortlist must be >= 1, got {s}")
+    if "ranker" in config:
+        r = config.ranker
+        for name in ("rerank", "negatives"):
+            if r[name] < 1:
+                raise ValueError(f"ranker.{name}: must be >= 1, got {r[name]}")
+        for name in ("steps", "prune"):
+            if not r[name] >= 0:
+                raise ValueError(f"ranker.{name}: must be >= 0, got {r[name]}")
+        for name in ("c", "learning_rate"):
+            if not r[name] > 0:
+                raise ValueError(f"ranker.{name}: must be > 0, got {r[name]}")
+        if not 0 <= r.weight <= 1:
+            raise ValueError(f"ranker.weight: must be in [0, 1], got {r.weight}")
+
+
+def ranker_steps(config) -> int:
+    """Steps of the sparse ranker's stage (0 for runs saved before it existed)."""
+    return int(config.ranker.steps) if "ranker" in config else 0
 
 
 def label_optimizer(config) -> str:
@@ -92,14 +111,14 @@ def lazy_label_rows(config) -> bool:
 # --- the method --------------------------------------------------------------------------------------
 
 class ELIAS:
-    """ELIAS on XMC data, trained in two stages (`stages`, `stage(name, previous)`).
+    """ELIAS on XMC data, trained in two stages (`stages`, `stage(name, previous)`), and a third that fits the
+    sparse ranker (ELIAS++) where `ranker.steps` > 0.
 
     Stage s trains in `workdir/<s>` (see `jaxidx.train.loop.fit_stages`); the
     object returned by `stage` is the `Trainable` and builds the index.
     """
 
     name = "elias"
-    stages = STAGES
     index_type = ELIASIndex
 
     def __init__(self, config, data, mesh):
@@ -119,11 +138,14 @@ class ELIAS:
         self.token_len = data.tokens_train.shape[1] if m.input == "text" else 0
         self.encoder = make_encoder(config, self.n_features, data.vocab_size, self.token_len)
         self.n_train = self.labels.shape[0]
+        self.stages = STAGES if ranker_steps(config) > 0 else STAGES[:2]
 
     def stage(self, name: str, previous=None) -> "ELIASStage":
-        """The Trainable of stage `name`; stage 2 starts from stage 1's `FitResult` (None: for restoring)."""
+        """The Trainable of stage `name`; a stage starts from the one before's `FitResult` (None: for restoring)."""
         if name not in STAGES:
             raise ValueError(f"ELIAS stage: unknown {name!r}; valid: {', '.join(STAGES)}")
+        if name == "stage3":
+            return RankerStage(self, previous)
         return ELIASStage(self, STAGES.index(name) + 1, previous)
 
     def features(self, x):
@@ -326,3 +348,88 @@ class ELIASStage:
                 **({"vocab_size": method.data.vocab_size, "token_len": method.token_len}
                    if self.config.model.input == "text" else {})}
         return ELIASIndex.from_training(self.config, mesh_lib.to_host(params), aux, info)
+
+
+class RankerStage(ELIASStage):
+    """Stage 3: the sparse ranker (`ranker`) on pairs (training row, label): each row's top `ranker.negatives`
+    labels by the stage-2 model (its hard negatives and found positives) and all its positives. Per label
+    it is an L2-regularised logistic regression (liblinear's objective, 1/2 |w_l|^2 + C x the log loss of
+    the label's pairs), convex and small, so it is solved by full-batch AdamW: one epoch of `ranker.steps`
+    steps, each over all pairs (split over the data devices). The stage-2 model rides along unchanged (its
+    optimizer is zero), so the stage's checkpoint holds the whole index."""
+
+    def __init__(self, method: ELIAS, previous=None):
+        super().__init__(method, 3, previous)
+        self.epochs, self.steps_per_epoch = 1, max(1, self.config.ranker.steps)
+        self.pairs = None
+        if previous is not None:  # deterministic from stage 2, so a resumed run rebuilds the same pairs
+            rows, labels, y = self._pairs(previous)
+            self.support = ranker.support(method.data.X_train, rows, labels, method.n_labels)
+            x = B_.take(method.inputs, rows)
+            self.pairs = {"entries": ranker.entries(*self.support, labels, x["idx"], x["val"], method.n_features),
+                          "labels": labels, "y": y}
+            n_data = mesh_lib.data_size(self.mesh)
+            self.batch_size = -(-len(rows) // n_data) * n_data  # all pairs, padded to split over the devices
+            log.info("ranker: %d pairs (%.3f positive) of %d rows; %d weights", len(rows), y.mean(),
+                     method.n_train, len(self.support[1]))
+
+    def _pairs(self, previous):
+        """(rows, labels, y): every training row's top `negatives` labels by the stage-2 index (at the widest
+        search setting of the config) and its positives."""
+        method = self.method
+        index = super().index(previous.params, previous.aux)
+        widest = max(self.config.search.settings, key=lambda s: (s.get("beam", 1), s.get("shortlist", 1)))
+        ids, _ = index.search(method.data.X_train, k=min(self.config.ranker.negatives, method.n_labels),
+                              **{k: v for k, v in widest.items() if k in ("beam", "shortlist")})
+        Y = method.data.Y_train.tocsr()
+        L = method.n_labels
+        pos = np.repeat(np.arange(Y.shape[0], dtype=np.int64), np.diff(Y.indptr)) * L + Y.indices
+        found = np.repeat(np.arange(ids.shape[0], dtype=np.int64), ids.shape[1]) * L + ids.ravel()
+        keys = np.unique(np.concatenate([pos, found[ids.ravel() >= 0]]))
+        return (keys // L).astype(np.int64), (keys % L).astype(np.int32), np.isin(keys, pos).astype(np.float32)
+
+    def init(self, rng):
+        if self.pairs is None:
+            raise ValueError("ELIAS stage 3: needs stage 2's result")
+        params = dict(mesh_lib.to_host(self.previous.params))
+        params["ranker"] = {"w": np.zeros(len(self.support[1]), np.float32),
+                            "b": np.zeros(self.method.n_labels, np.float32)}
+        aux = {"members": self.previous.aux["members"], "home": self.previous.aux["home"],
+               "ranker_offsets": self.support[0], "ranker_feats": self.support[1]}
+        return params, aux
+
+    def optimizer(self, total_steps):
+        """AdamW on the ranker (warmup, then linear decay to 0); the stage-2 model frozen."""
+        r = self.config.ranker
+        tx = optax.adam(warmup_linear(r.learning_rate, total_steps, self.config.train.warmup))
+        return optax.multi_transform({"ranker": tx, "frozen": optax.set_to_zero()},
+                                     lambda p: {k: jax.tree.map(lambda _: "ranker" if k == "ranker" else "frozen", v)
+                                                for k, v in p.items()})
+
+    def loss(self, params, batch, aux, rng):
+        """(sum over pairs of C x log loss + 1/2 |w|^2) / pairs: liblinear's objective, summed over labels."""
+        r, pairs = params["ranker"], aux
+        sel = batch["pair"]  # this device's pairs (the logits of all are one segment sum over the entries)
+        logit = ranker.pair_logits(r["w"], r["b"], pairs["entries"], pairs["labels"], len(self.pairs["y"]))[sel]
+        y, w = pairs["y"][sel], batch["weight"]
+        n = jnp.maximum(jnp.sum(w), 1.0)
+        c = self.config.ranker.c
+        loss = (c * jnp.sum(optax.sigmoid_binary_cross_entropy(logit, y) * w) + 0.5 * jnp.sum(r["w"] ** 2)) / n
+        right = (logit > 0) == (y > 0.5)
+        return loss, {"pair_accuracy": jnp.sum(right * w) / n}
+
+    def batch(self, epoch, index):
+        """Every pair in every step (padding: weight 0)."""
+        n = len(self.pairs["y"])
+        pair = np.zeros(self.batch_size, np.int32)
+        pair[:n] = np.arange(n)
+        weight = np.zeros(self.batch_size, np.float32)
+        weight[:n] = 1.0
+        shard = mesh_lib.process_shard(self.mesh)
+        return {"pair": B_.shard_block(pair, shard), "weight": B_.shard_block(weight, shard)}
+
+    def device_aux(self, aux):
+        return self.pairs
+
+    def end_of_epoch(self, epoch, params, aux):
+        return aux, {}
