@@ -94,7 +94,8 @@ class ELIASIndex(Index):
         """ELIAS's top labels, re-scored with the ranker at `weight` > 0: (ids, scores) [Q, <= k]."""
         if weight == 0:
             return np.asarray(top), np.asarray(score)
-        ids, scores = self._mix(*self._ranker, jnp.asarray(x["idx"]), jnp.asarray(x["val"]), top, score, weight,
+        # Host copies in: the shortlist of a sharded search lives on the mesh, the ranker on the default device.
+        ids, scores = self._mix(*self._ranker, x["idx"], x["val"], np.asarray(top), np.asarray(score), weight,
                                 k=min(k, top.shape[1]))
         return np.asarray(ids), np.asarray(scores)
 

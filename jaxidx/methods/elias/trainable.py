@@ -354,7 +354,7 @@ class RankerStage(ELIASStage):
     """Stage 3: the sparse ranker (`ranker`) on pairs (training row, label): each row's top `ranker.negatives`
     labels by the stage-2 model (its hard negatives and found positives) and all its positives. Per label
     it is an L2-regularised logistic regression (liblinear's objective, 1/2 |w_l|^2 + C x the log loss of
-    the label's pairs), convex and small, so it is solved by full-batch AdamW: one epoch of `ranker.steps`
+    the label's pairs), convex and small, so it is solved by full-batch Adam: one epoch of `ranker.steps`
     steps, each over all pairs (split over the data devices). The stage-2 model rides along unchanged (its
     optimizer is zero), so the stage's checkpoint holds the whole index."""
 
@@ -399,7 +399,8 @@ class RankerStage(ELIASStage):
         return params, aux
 
     def optimizer(self, total_steps):
-        """AdamW on the ranker (warmup, then linear decay to 0); the stage-2 model frozen."""
+        """Adam on the ranker (warmup, then linear decay to 0; the L2 term is in the loss); the stage-2 model
+        frozen."""
         r = self.config.ranker
         tx = optax.adam(warmup_linear(r.learning_rate, total_steps, self.config.train.warmup))
         return optax.multi_transform({"ranker": tx, "frozen": optax.set_to_zero()},
