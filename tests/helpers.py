@@ -61,3 +61,28 @@ def restore_run(workdir: str):
     config = ml_collections.ConfigDict(meta["config"])
     method, data, _ = build(config)
     return config, method, data, params, aux, step
+
+
+def train_stages(workdir, config, data, stop_at=None):
+    """`fit_stages` of a staged method (ELIAS); stop_at=(stage name, global step) sends this process SIGTERM
+    before that step of that stage (a stop the run must resume from)."""
+    import signal
+    from jaxidx.runner import build
+    from jaxidx.train.loop import fit_stages
+    method, data, mesh = build(config, data=data)
+    if stop_at is not None:
+        make = method.stage
+
+        def stage(name, previous=None):
+            task = make(name, previous)
+            if name == stop_at[0]:
+                batch = task.batch
+
+                def stopping_batch(epoch, index):
+                    if epoch * task.steps_per_epoch + index == stop_at[1]:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    return batch(epoch, index)
+                task.batch = stopping_batch
+            return task
+        method.stage = stage
+    return fit_stages(method, config, str(workdir), mesh, data_fingerprint=data.fingerprint(), progress=False)

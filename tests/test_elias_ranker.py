@@ -2,7 +2,6 @@
 dense computation, pruning, the score mix, and the stage trained, resumed, searched on both backends and
 saved."""
 import os
-import signal
 import sys
 
 import jax
@@ -11,11 +10,11 @@ import pytest
 import scipy.sparse as sp
 
 import jaxidx
+from helpers import train_stages as _train
 from jaxidx.data import synthetic_xmc
 from jaxidx.methods.elias import ranker
 from jaxidx.runner import build
 from jaxidx.train.checkpoint import Checkpointer
-from jaxidx.train.loop import fit_stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,26 +105,6 @@ def data():
     return synthetic_xmc(n_train=384, n_test=64, n_features=120, n_labels=60, seed=1)
 
 
-def _train(workdir, config, data, stop_at_step=None):
-    method, data, mesh = build(config, data=data)
-    if stop_at_step is not None:  # SIGTERM before global step `stop_at_step` of stage 3
-        make = method.stage
-
-        def stage(name, previous=None):
-            task = make(name, previous)
-            if name == "stage3":
-                batch = task.batch
-
-                def stopping(epoch, index):
-                    if epoch * task.steps_per_epoch + index == stop_at_step:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    return batch(epoch, index)
-                task.batch = stopping
-            return task
-        method.stage = stage
-    return fit_stages(method, config, str(workdir), mesh, data_fingerprint=data.fingerprint(), progress=False)
-
-
 def _p_at_1(ids, Y):
     Y = Y.tocsr()
     return np.mean([ids[i, 0] in Y.indices[Y.indptr[i]:Y.indptr[i + 1]] for i in range(len(ids))])
@@ -158,7 +137,7 @@ def test_ranker_stage_trains_searches_resumes_and_saves(tmp_path, data, ranked):
     device, _ = index.search(data.X_test, k=5, backend="device")
     np.testing.assert_array_equal(device, mixed)
     # A run stopped in stage 3 resumes to the same parameters.
-    _, stopped = _train(tmp_path / "resumed", config, data, stop_at_step=25)
+    _, stopped = _train(tmp_path / "resumed", config, data, stop_at=("stage3", 25))
     assert stopped.interrupted
     _, resumed = _train(tmp_path / "resumed", config, data)
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(after)):

@@ -4,7 +4,6 @@ the run directory, sharded vs unsharded scores, training on 1 vs 8 devices."""
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import load_config, run_python
+from helpers import load_config, run_python, train_stages as _train
 from jaxidx.data import synthetic_xmc
 from jaxidx import evaluate as evaluate_lib
 from jaxidx.methods.elias import log_edge_weights
@@ -51,27 +50,6 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data():
     return synthetic_xmc(n_train=384, n_test=64, n_features=120, n_labels=60, seed=1)
-
-
-def _train(workdir, config, data, stop_at=None):
-    """fit_stages; stop_at=(stage name, global step) sends this process SIGTERM before that step."""
-    method, data, mesh = build(config, data=data)
-    if stop_at is not None:
-        make = method.stage
-
-        def stage(name, previous=None):
-            task = make(name, previous)
-            if name == stop_at[0]:
-                batch = task.batch
-
-                def stopping_batch(epoch, index):
-                    if epoch * task.steps_per_epoch + index == stop_at[1]:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    return batch(epoch, index)
-                task.batch = stopping_batch
-            return task
-        method.stage = stage
-    return fit_stages(method, config, str(workdir), mesh, data_fingerprint=data.fingerprint(), progress=False)
 
 
 @pytest.fixture(scope="module")
