@@ -34,17 +34,17 @@ def test_support_and_logits_match_a_dense_computation():
     L, F, n = 9, 40, 25
     X = sp.random(n, F, density=0.15, random_state=1, format="csr", dtype=np.float32) * 7.0
     rows, labels = rng.integers(0, n, 60), rng.integers(0, L, 60)
-    offsets, feats = ranker.support(X, rows, labels, L)
+    x = {"idx": np.zeros((n, 12), np.int32), "val": np.zeros((n, 12), np.float32)}
+    for i in range(n):
+        row = X[i]
+        x["idx"][i, :row.nnz], x["val"][i, :row.nnz] = row.indices, row.data
+    offsets, feats = ranker.support(labels, x["idx"][rows], x["val"][rows], L, F)
     want = sorted({(l, f) for r, l in zip(rows, labels) for f in X[r].indices})
     got = [(l, f) for l in range(L) for f in feats[offsets[l]:offsets[l + 1]]]
     assert got == want
     w = rng.normal(size=len(feats)).astype(np.float32)
     b = rng.normal(size=L).astype(np.float32)
     steps = ranker.search_steps(offsets)
-    x = {"idx": np.zeros((n, 12), np.int32), "val": np.zeros((n, 12), np.float32)}
-    for i in range(n):
-        row = X[i]
-        x["idx"][i, :row.nnz], x["val"][i, :row.nnz] = row.indices, row.data
     # Training shape: one label per row.
     got = ranker.logits(offsets, feats, w, b, labels[:, None], x["idx"][rows], x["val"][rows], steps)[:, 0]
     np.testing.assert_allclose(got, _dense_logits(X, offsets, feats, w, b, rows, labels), rtol=1e-5, atol=1e-5)

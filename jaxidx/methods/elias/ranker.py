@@ -19,22 +19,22 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
 
 
-def support(X: sp.csr_matrix, rows: np.ndarray, labels: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+def _pair_keys(labels: np.ndarray, idx: np.ndarray, val: np.ndarray, n_features: int):
+    """(pair [Z], column [Z], key label * n_features + feature [Z]) of the nonzero entries of padded rows."""
+    pair, col = np.nonzero(val)
+    return pair, col, labels.astype(np.int64)[pair] * n_features + idx[pair, col]
+
+
+def support(labels: np.ndarray, idx: np.ndarray, val: np.ndarray, n_labels: int,
+            n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """(offsets [L+1] int32, feats [S] int32): the distinct (label, feature) pairs of the training pairs
-    (rows[i], labels[i]) over X's nonzero features, sorted by label then feature."""
-    X = sp.csr_matrix(X)
-    lens = np.diff(X.indptr)[rows]
-    start = np.repeat(X.indptr[rows], lens)
-    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-    keys = np.repeat(labels.astype(np.int64), lens) * X.shape[1] + X.indices[start + within]
-    keys = np.unique(keys)
-    label_of = keys // X.shape[1]
+    (labels [n], padded rows idx, val [n, P]) over their nonzero features, sorted by label then feature."""
+    keys = np.unique(_pair_keys(labels, idx, val, n_features)[2])
     offsets = np.zeros(n_labels + 1, np.int64)
-    offsets[1:] = np.cumsum(np.bincount(label_of, minlength=n_labels))
-    return offsets.astype(np.int32), (keys % X.shape[1]).astype(np.int32)
+    offsets[1:] = np.cumsum(np.bincount(keys // n_features, minlength=n_labels))
+    return offsets.astype(np.int32), (keys % n_features).astype(np.int32)
 
 
 def entries(offsets: np.ndarray, feats: np.ndarray, labels: np.ndarray, idx: np.ndarray, val: np.ndarray,
@@ -44,9 +44,9 @@ def entries(offsets: np.ndarray, feats: np.ndarray, labels: np.ndarray, idx: np.
     value in the L2-normalised row)."""
     keys = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets)) * n_features + feats
     v = val / np.maximum(np.sqrt(np.sum(val * val, axis=1, keepdims=True)), 1e-12)
-    pair, col = np.nonzero(val)
-    pos = np.searchsorted(keys, labels.astype(np.int64)[pair] * n_features + idx[pair, col])
-    return {"pair": pair.astype(np.int32), "pos": pos.astype(np.int32), "val": v[pair, col].astype(np.float32)}
+    pair, col, want = _pair_keys(labels, idx, val, n_features)
+    return {"pair": pair.astype(np.int32), "pos": np.searchsorted(keys, want).astype(np.int32),
+            "val": v[pair, col].astype(np.float32)}
 
 
 def pair_logits(w, b, entries: dict, labels, n_pairs: int):

@@ -364,8 +364,8 @@ class RankerStage(ELIASStage):
         self.pairs = None
         if previous is not None:  # deterministic from stage 2, so a resumed run rebuilds the same pairs
             rows, labels, y = self._pairs(previous)
-            self.support = ranker.support(method.data.X_train, rows, labels, method.n_labels)
             x = B_.take(method.inputs, rows)
+            self.support = ranker.support(labels, x["idx"], x["val"], method.n_labels, method.n_features)
             self.pairs = {"entries": ranker.entries(*self.support, labels, x["idx"], x["val"], method.n_features),
                           "labels": labels, "y": y}
             n_data = mesh_lib.data_size(self.mesh)
