@@ -48,7 +48,7 @@ def _elias(data: str) -> ml_collections.ConfigDict:
                                       # in the step's shortlists only (O(batch K H), lazy Adam); 'auto': lazy
                                       # with the sparse layout
     c.ranker = ml_collections.ConfigDict()  # ELIAS++'s sparse ranker, trained as stage 3 (0 steps: none)
-    c.ranker.steps = 0                # full-batch AdamW steps over all (example, label) pairs
+    c.ranker.steps = 0                # full-batch Adam steps over all (example, label) pairs
     c.ranker.negatives = 32           # ELIAS's top labels per training row paired with it (its hard negatives)
     c.ranker.rerank = 32              # default search setting rerank: ELIAS's top labels re-scored per query
     c.ranker.c = 4.0                  # per-label L2 regularisation 1 / (2C) |w_l|^2 beside C x the pairs' log loss
@@ -118,7 +118,7 @@ def auto(data) -> ml_collections.ConfigDict:
     lazy label-row updates, train.label_optimizer 'auto') above 65536 labels, where the dense layout's
     [batch, L] arrays pass 64 MB each; batch 128 below 8000 rows else 256; about 1000 steps per stage
     (epochs within 10..20); with the embedding bag (the long-tail setting) the sparse ranker as stage 3
-    (it gave +1.2 points of P@1 on debian-depends, +0.3 on bibtex and -0.1 on delicious)."""
+    (it gave +1.2 points of P@1 on debian-depends, +0.3 on bibtex and nothing on delicious)."""
     L, n, D = data.n_labels, data.X_train.shape[0], data.n_features
     c = _elias(data.name)
     max_leaf = min(100, max(8, pow2_near(math.sqrt(L))))
