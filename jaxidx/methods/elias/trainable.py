@@ -421,13 +421,9 @@ class RankerStage(ELIASStage):
 
     def batch(self, epoch, index):
         """Every pair in every step (padding: weight 0)."""
-        n = len(self.pairs["y"])
-        pair = np.zeros(self.batch_size, np.int32)
-        pair[:n] = np.arange(n)
-        weight = np.zeros(self.batch_size, np.float32)
-        weight[:n] = 1.0
-        shard = mesh_lib.process_shard(self.mesh)
-        return {"pair": B_.shard_block(pair, shard), "weight": B_.shard_block(weight, shard)}
+        pair, weight = B_.batch_rows(np.arange(len(self.pairs["y"])), 0, self.batch_size,
+                                     mesh_lib.process_shard(self.mesh))
+        return {"pair": pair, "weight": weight}
 
     def device_aux(self, aux):
         return self.pairs
