@@ -31,6 +31,10 @@ py::tuple pq4_search(const py::object& queries, const py::object& base, const py
                      const py::object& reorder, const py::object& k, const py::object& metric,
                      const py::object& n_threads, const py::object& row_terms, const py::object& row_ids);
 
+py::tuple tree_beam(const py::object& phi, const py::object& groups, const py::object& group_logp,
+                    const py::object& rows, const py::object& bias, const py::object& n_groups, const py::object& k,
+                    const py::object& n_threads);
+
 py::array balanced_assign(const py::object& candidates, const py::object& n_buckets, const py::object& order,
                           const py::object& capacity, const py::object& initial_counts, const py::object& n_choices,
                           const py::object& n_threads);

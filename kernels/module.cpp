@@ -3,7 +3,7 @@
 #include "kernels.h"
 
 PYBIND11_MODULE(_kernels, m) {
-    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank (also fused with the merge), 4-bit PQ fast scan with exact re-rank, row top-k, balanced assignment";
+    m.doc() = "jaxidx C++ search kernels: bucket merge/top-k, exact re-rank (also fused with the merge), 4-bit PQ fast scan with exact re-rank, row top-k, cluster-tree beam, balanced assignment";
     m.def("merge_candidates", &jaxidx::merge_candidates, py::arg("bucket_ids"), py::arg("offsets"),
           py::arg("members"), py::arg("min_count"), py::arg("min_candidates"), py::arg("n_items"),
           py::arg("n_threads"));
@@ -35,6 +35,8 @@ PYBIND11_MODULE(_kernels, m) {
         },
         "The instruction set each kernel family runs on this CPU (chosen at run time; JAXIDX_NO_AVX2 / "
         "JAXIDX_NO_AVX512 force the narrower paths).");
+    m.def("tree_beam", &jaxidx::tree_beam, py::arg("phi"), py::arg("groups"), py::arg("group_logp"),
+          py::arg("rows"), py::arg("bias"), py::arg("n_groups"), py::arg("k"), py::arg("n_threads"));
     m.def("balanced_assign", &jaxidx::balanced_assign, py::arg("candidates"), py::arg("n_buckets"),
           py::arg("order"), py::arg("capacity"), py::arg("initial_counts"), py::arg("n_choices"),
           py::arg("n_threads"));

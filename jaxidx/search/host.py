@@ -22,7 +22,7 @@ except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError("jaxidx._kernels is not built; run `python3 setup.py build_ext --inplace`") from e
 
 __all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "pq4_search", "topk_rows",
-           "balanced_assign"]
+           "tree_beam", "balanced_assign"]
 
 
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
@@ -76,6 +76,12 @@ def simd_paths():
 def topk_rows(x, k, n_threads=0):
     """Largest k entries per row: (idx, vals). See reference.topk_rows."""
     return _kernels.topk_rows(x, k, n_threads)
+
+
+def tree_beam(phi, groups, group_logp, rows, bias, n_groups, k, n_threads=0):
+    """The k best leaves below each query's routed groups of a two-level tree: (ids, log p).
+    See reference.tree_beam."""
+    return _kernels.tree_beam(phi, groups, group_logp, rows, bias, n_groups, k, n_threads)
 
 
 def balanced_assign(candidates, n_buckets, order=None, capacity=0, initial_counts=None, n_choices=0,

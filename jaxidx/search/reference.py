@@ -17,7 +17,7 @@ return; they are written for clarity, not speed. The rules they pin down:
 """
 import numpy as np
 
-__all__ = ["merge_topk", "rerank_topk", "topk_rows", "balanced_assign", "lane_sum", "distances", "pq4_search",
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "tree_beam", "balanced_assign", "lane_sum", "distances", "pq4_search",
            "pq4_table"]
 
 _METRICS = ("ip", "cosine", "l2")
@@ -456,6 +456,51 @@ def topk_rows(x, k, n_threads=0):
     idx[:, :kk] = top
     vals[:, :kk] = np.take_along_axis(x, top, axis=1)
     return idx, vals
+
+
+def tree_beam(phi, groups, group_logp, rows, bias, n_groups, k, n_threads=0):
+    """The k best leaves of a two-level tree below each query's routed groups: (ids int32 [Q, k],
+    log p float32 [Q, k]), best first, ties to the smaller id, padded -1 / -inf.
+
+    phi float32 [Q, H]; groups int32 [Q, B] (-1 = none) with their log probabilities group_logp float32
+    [Q, B]; rows float32 [C, H] and bias float32 [C] the leaf classifiers, group g owning rows
+    [g S, (g + 1) S) with S = C / n_groups. A leaf's log p is its group's plus its log softmax among its
+    siblings, ((z - max) - log sum exp(z - max)) over the group's logits z = phi . row + bias (the dot in
+    the canonical lane order, all float32).
+    """
+    for x, name, dtype, ndim in ((phi, "phi", np.float32, 2), (groups, "groups", np.int32, 2),
+                                 (group_logp, "group_logp", np.float32, 2), (rows, "rows", np.float32, 2),
+                                 (bias, "bias", np.float32, 1)):
+        check_array(x, name, dtype, ndim)
+    check_options(k=k, n_threads=n_threads)
+    Q, H = phi.shape
+    C = rows.shape[0]
+    check_axis(groups, "groups", 0, Q, "one row per query")
+    check_axis(group_logp, "group_logp", 0, Q, "one row per query")
+    check_axis(group_logp, "group_logp", 1, groups.shape[1], "one log probability per routed group")
+    check_axis(rows, "rows", 1, H, "the width of phi")
+    check_axis(bias, "bias", 0, C, "one bias per row")
+    if not 1 <= n_groups <= max(C, 1):
+        raise ValueError(f"n_groups: must be in [1, rows], got {n_groups}")
+    if C % n_groups:
+        raise ValueError(f"n_groups: {n_groups} does not divide the {C} rows")
+    _check_range(groups, "groups", -1, n_groups)
+    S = C // n_groups
+    ids = np.full((Q, k), -1, np.int32)
+    out = np.full((Q, k), -np.inf, np.float32)
+    for q in range(Q):
+        routed = groups[q] >= 0
+        if not routed.any():
+            continue
+        leaf = (groups[q][routed][:, None] * S + np.arange(S)).astype(np.int32)  # [b, S]
+        z = -distances(phi[q], rows[leaf], "ip") + bias[leaf]
+        with np.errstate(all="ignore"):
+            shifted = z - z.max(axis=1, keepdims=True)
+            logp = group_logp[q][routed][:, None] + (shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True)))
+        leaf, logp = leaf.ravel(), logp.ravel().astype(np.float32)
+        top = _rank(logp, leaf, descending=True)[:k]
+        ids[q, :len(top)], out[q, :len(top)] = leaf[top], logp[top]
+    return ids, out
 
 
 def balanced_assign(candidates, n_buckets, order=None, capacity=0, initial_counts=None, n_choices=0,
