@@ -26,6 +26,9 @@ def _elias(data: str) -> ml_collections.ConfigDict:
     c.model.dropout = 0.5             # on phi, as in the original
     c.model.init_std = 0.0            # encoder init: 0 = lecun normal, > 0 = truncated normal std
     c.model.max_leaf = 100            # C = 2^ceil(log2(L / max_leaf)) clusters
+    c.model.cluster_groups = 0        # G > 0: a two-level cluster tree (G groups of C / G sibling clusters, beam at
+                                      # each level: search reads G + group_beam x C / G classifier rows, not C);
+                                      # 0: one flat classifier
     c.model.alpha = 10.0              # s_c = min(1, alpha * softmax)
     c.model.beta = 150.0              # a_cl = min(1, beta * row softmax)  (stage 2)
     c.model.beam = 20                 # b: clusters kept per example (also for the approximate adjacency)
@@ -61,6 +64,14 @@ def _elias(data: str) -> ml_collections.ConfigDict:
 
 
 RANKER_STEPS = 300  # full-batch steps of the sparse ranker where it is on (converged on bibtex / debian-depends)
+TREE_MIN_CLUSTERS = 4096  # from here a two-level cluster tree routes faster than the flat classifier (measured:
+                          # launch/bench_cluster_tree.py, 1.3x per query at C = 4096, 4x at 16384, 0.8x at 1024)
+
+
+def tree_groups(n_clusters: int) -> int:
+    """model.cluster_groups for C clusters: the power of two near sqrt(C) from TREE_MIN_CLUSTERS on (both levels
+    about sqrt(C) wide), else 0 (the flat classifier)."""
+    return pow2_near(math.sqrt(n_clusters)) if n_clusters >= TREE_MIN_CLUSTERS else 0
 
 
 def tiny():
@@ -118,7 +129,8 @@ def auto(data) -> ml_collections.ConfigDict:
     lazy label-row updates, train.label_optimizer 'auto') above 65536 labels, where the dense layout's
     [batch, L] arrays pass 64 MB each; batch 128 below 8000 rows else 256; about 1000 steps per stage
     (epochs within 10..20); with the embedding bag (the long-tail setting) the sparse ranker as stage 3
-    (it gave +1.2 points of P@1 on debian-depends, +0.3 on bibtex and nothing on delicious)."""
+    (it gave +1.2 points of P@1 on debian-depends, +0.3 on bibtex and nothing on delicious); a two-level
+    cluster tree from C = 4096 clusters (`tree_groups`)."""
     L, n, D = data.n_labels, data.X_train.shape[0], data.n_features
     c = _elias(data.name)
     max_leaf = min(100, max(8, pow2_near(math.sqrt(L))))
@@ -128,7 +140,7 @@ def auto(data) -> ml_collections.ConfigDict:
     c.model.update(input="dense" if dense else "sparse", max_leaf=max_leaf, beam=beam,
                    kappa=min(256, max(16, 4 * max_leaf)), hidden=(512,) if dense else (1024,),
                    dropout=0.5 if dense else 0.2, shortlist=min(2000, L),
-                   layout="sparse" if L > 65536 else "dense")
+                   layout="sparse" if L > 65536 else "dense", cluster_groups=tree_groups(C))
     batch = 128 if n < 8000 else 256
     epochs = min(20, max(10, round(1000 * batch / max(n, 1))))
     c.train.update(epochs=epochs, stage2_epochs=epochs, batch_size=batch, stage2_reinit_labels=dense)
@@ -142,14 +154,19 @@ def auto(data) -> ml_collections.ConfigDict:
 SCALING_MAX_CLUSTERS = 1024
 
 
-def scaling_xmc(n_labels: int, steps: int = 128, max_clusters: int = SCALING_MAX_CLUSTERS, n_test: int = 1000):
+def scaling_xmc(n_labels: int, steps: int = 128, max_clusters: int = SCALING_MAX_CLUSTERS, n_test: int = 1000,
+                tree: bool | None = None):
     """XMC scaling study (launch/bench_scaling.py) on `scaling_xmc_spec(n_labels)`; sparse training layout
     (no [batch, L] array). C = 2^ceil(log2(L / max_leaf)) is capped at `max_clusters` by raising max_leaf
-    (0: no cap, C ~ L / 100, whose cluster scoring per query grows linearly with L); the stage-2 rows hold
-    kappa labels whatever L. About `steps` steps of 256 per stage, rounded up to whole epochs."""
+    (0: no cap, C ~ L / 100, whose cluster scoring per query grows linearly with L unless a tree routes
+    them); the stage-2 rows hold kappa labels whatever L. A two-level cluster tree by `tree_groups` (tree
+    None) or always / never (True / False). About `steps` steps of 256 per stage, rounded up to whole epochs."""
     c = _elias(scaling_xmc_spec(n_labels, n_test))
     max_leaf = max(100, -(-n_labels // max_clusters)) if max_clusters else 100
-    c.model.update(hidden=(128,), dropout=0.2, max_leaf=max_leaf, beam=10, kappa=256, shortlist=500, layout="sparse")
+    C = 1 << max(0, math.ceil(math.log2(n_labels / max_leaf)))
+    groups = tree_groups(C) if tree is None else pow2_near(math.sqrt(C)) if tree else 0
+    c.model.update(hidden=(128,), dropout=0.2, max_leaf=max_leaf, beam=10, kappa=256, shortlist=500, layout="sparse",
+                   cluster_groups=groups)
     epochs = budget_epochs(scaling_xmc_rows(n_labels), c.train.batch_size, steps)
     c.train.update(epochs=epochs, stage2_epochs=epochs)
     c.search.settings = [{"beam": 10, "shortlist": 200}]

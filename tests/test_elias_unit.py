@@ -24,7 +24,8 @@ def _softmax(z):
 def test_cluster_scores_are_clipped_scaled_softmax():
     z = np.array([[3.0, 0.0, -1.0, 0.5]], np.float32)
     want = np.minimum(1.0, 10.0 * _softmax(z))
-    np.testing.assert_allclose(np.exp(_jit(log_cluster_scores, (1,))(jnp.asarray(z), 10.0)), want, rtol=1e-6)
+    log_p = jax.nn.log_softmax(jnp.asarray(z))
+    np.testing.assert_allclose(np.exp(_jit(log_cluster_scores, (1,))(log_p, 10.0)), want, rtol=1e-6)
     assert want[0, 0] == 1.0  # saturated
 
 
@@ -45,7 +46,7 @@ def test_stage2_edge_weights_row_softmax_over_valid_edges():
 
 
 def test_beam_with_teacher_forcing():
-    logits = jnp.array([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    logits = jax.nn.log_softmax(jnp.array([[4.0, 3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]]))
     log_s = _jit(log_cluster_scores, (1,))(logits, 10.0)
     beam = _jit(cluster_beam, (2,))
     ids, ls = beam(logits, log_s, 2)
@@ -106,8 +107,8 @@ def test_paths_are_differentiable():
     edges = jnp.array([[0.3, -0.2], [0.1, 0.4]])
 
     def f(z, a):
-        log_s = log_cluster_scores(z, 1.0)
-        ids, ls = cluster_beam(z, log_s, 2)
+        log_p = jax.nn.log_softmax(z)
+        ids, ls = cluster_beam(log_p, log_cluster_scores(log_p, 1.0), 2)
         sl, best = best_paths(*expand_paths(ids, ls, members, log_edge_weights(a, members, 1.0)))
         _, lp = shortlist(sl, best, 3)
         return jnp.exp(lp).sum()

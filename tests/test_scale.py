@@ -101,10 +101,15 @@ def test_auto_rules_follow_the_data():
     c = get_config("elias", x)
     assert c.model.max_leaf == 32 and c.model.input == "dense" and c.model.beam == 16 and c.model.layout == "dense"
     assert c.ranker.steps == 0  # few features: no sparse ranker
+    assert c.model.cluster_groups == 0  # 32 clusters: one flat classifier
     c = get_config("elias", SimpleNamespace(task="xmc", n_labels=200000, n_features=10000, X_train=np.zeros((50000, 1)),
                                             name="synthetic-xmc:n=100,labels=200000"))
     assert c.model.layout == "sparse" and c.train.label_optimizer == "auto"  # [batch, K] arrays, lazy label rows
     assert c.ranker.steps > 0  # an embedding bag over many features: the sparse ranker as stage 3
+    assert c.model.cluster_groups == 0  # 2048 clusters: still flat
+    c = get_config("elias", SimpleNamespace(task="xmc", n_labels=10**6, n_features=10000, X_train=np.zeros((50000, 1)),
+                                            name="synthetic-xmc:n=100,labels=1000000"))
+    assert c.model.max_leaf == 100 and c.model.cluster_groups == 128  # 16384 clusters: a tree of 128 x 128
     c = get_config("irli", x)
     assert c.model.n_buckets == 64 and c.model.n_reps == 16 and c.partition.top_k == 4
     assert c.index.pq4_dims == 0 and not any(s.get("reorder") for s in c.search.settings)  # labels: no codes

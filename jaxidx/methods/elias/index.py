@@ -1,10 +1,12 @@
 """The searchable ELIAS index: encoder -> top-b clusters -> `merge_topk(agg="max")` over the adjacency
 as a soft partition with R = 1 (the K best paths) -> label classifiers on that shortlist -> top k.
+With a two-level cluster tree the top-b clusters come from a beam over the top groups (`tree_beam`).
 backend="device" runs all of it as one jitted function over the label shards of `shard(mesh)`; it
 gives the host's results."""
 from __future__ import annotations
 
 import functools
+import math
 from functools import partial
 
 import jax
@@ -18,7 +20,7 @@ from jaxidx.methods.common import SearchResult, check_tokens
 from jaxidx.methods.elias import ranker
 from jaxidx.methods.elias.graph import soft_partition
 from jaxidx.methods.elias.maths import (encoder_input, label_logits, log_edge_weights, make_encoder, rank_shortlist,
-                                       route_clusters)
+                                       route_clusters, route_groups)
 from jaxidx.search.sharded import default_mesh, device_bytes, gather_by_id, replicate, split_rows
 
 class ELIASIndex(Index):
@@ -28,19 +30,27 @@ class ELIASIndex(Index):
     the sparse ranker (ELIAS++, `ranker`) also `ranker_offsets` [L+1], `ranker_feats` [S], `ranker_w` [S]
     and `ranker_b` [L] (its pruned per-label weights over the input features).
     info: n_features, n_items (labels), n_clusters, and for text input vocab_size and token_len.
-    Settings: beam, shortlist, and with a ranker `rerank` (ELIAS's top labels re-scored) and `ranker_weight`
-    (the ranker's share a of the mixed log score; 0: ELIAS alone).
+    Settings: beam, shortlist, with a cluster tree (params 'groups') `group_beam` (first-level groups
+    opened per query, default min(beam, groups)), and with a ranker `rerank` (ELIAS's top labels
+    re-scored) and `ranker_weight` (the ranker's share a of the mixed log score; 0: ELIAS alone).
     """
 
     method, task = "elias", "xmc"
-    setting_keys = ("beam", "shortlist", "rerank", "ranker_weight")
+    setting_keys = ("beam", "shortlist", "group_beam", "rerank", "ranker_weight")
 
     def __init__(self, config, params, arrays, info):
         super().__init__(config, params, arrays, info)
         self.encoder = make_encoder(self.config, int(self.info["n_features"]), int(self.info.get("vocab_size", 0)),
                                     int(self.info.get("token_len", 0)))
         self.n_clusters = int(self.info["n_clusters"])
-        self._route = jax.jit(partial(route_clusters, self.encoder, self.config.model.alpha), static_argnames="beam")
+        self.n_groups = int(self.params["groups"]["bias"].shape[0]) if "groups" in self.params else 0
+        self._route = jax.jit(partial(route_clusters, self.encoder, self.config.model.alpha),
+                              static_argnames=("beam", "group_beam"))
+        if self.n_groups:  # the tree's second level runs in `tree_beam` on rows [C, d] of the cluster classifier
+            self._route_groups = jax.jit(partial(route_groups, self.encoder), static_argnames="group_beam")
+            clusters = self.params["clusters"]
+            self._leaf_rows = np.ascontiguousarray(np.asarray(clusters["kernel"], np.float32).T)
+            self._leaf_bias = np.ascontiguousarray(np.asarray(clusters["bias"], np.float32))
         self._rank = jax.jit(rank_shortlist, static_argnames="k")
         self.params = jax.device_put(self.params)
         self.has_ranker = "ranker_w" in self.arrays
@@ -72,10 +82,12 @@ class ELIASIndex(Index):
         return {"beam": m.beam, "shortlist": m.shortlist, **extra, **super().default_setting()}
 
     def _check_setting(self, setting: dict) -> None:
-        for key in ("beam", "shortlist", "rerank"):
+        for key in ("beam", "shortlist", "group_beam", "rerank"):
             v = setting.get(key, 1)
             if not is_int(v) or v < 1:
                 raise ValueError(f"search: {key}={v!r} must be an integer >= 1")
+        if "group_beam" in setting and not self.n_groups:
+            raise ValueError("search: group_beam needs an index with a cluster tree (config model.cluster_groups > 0)")
         a = setting.get("ranker_weight", 0.0)
         if isinstance(a, bool) or not isinstance(a, (int, float, np.number)) or not 0 <= a <= 1:
             raise ValueError(f"search: ranker_weight={a!r} must be a number in [0, 1]")
@@ -89,6 +101,15 @@ class ELIASIndex(Index):
         if a == 0:
             return min(k, K), 0.0
         return min(max(k, setting.get("rerank", self.config.ranker.rerank)), K), a
+
+    def _beams(self, setting: dict) -> tuple[int, int]:
+        """(clusters kept per query, tree groups opened per query; 0 without a tree). A tree's beam is at
+        most the clusters below its opened groups."""
+        beam = min(setting.get("beam", self.config.model.beam), self.n_clusters)
+        if not self.n_groups:
+            return beam, 0
+        group_beam = min(setting.get("group_beam", beam), self.n_groups)
+        return min(beam, group_beam * (self.n_clusters // self.n_groups)), group_beam
 
     def _finish(self, x, top, score, k: int, weight: float):
         """ELIAS's top labels, re-scored with the ranker at `weight` > 0: (ids, scores) [Q, <= k]."""
@@ -122,13 +143,14 @@ class ELIASIndex(Index):
         if self._sharded is None:
             self.shard(default_mesh(jax.devices()[:1]))
         cfg, sh = self.config, self._sharded
-        beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
+        beam, group_beam = self._beams(setting)
         K = setting.get("shortlist", cfg.model.shortlist)
         R, weight = self._reranked(setting, k, K)
         out_ids, out_scores, out_cand = [], [], []
         for batch, n in query_blocks(queries, cfg.search.query_batch):
             x = encoder_input(cfg.model.input, batch, self.dim)
-            top, score, n_cand = sh.search(self.encoder, cfg.model.alpha, x, beam=beam, shortlist=K, k=R)
+            top, score, n_cand = sh.search(self.encoder, cfg.model.alpha, x, beam=beam, group_beam=group_beam,
+                                           shortlist=K, k=R)
             top, score = self._finish(batch, top, score, k, weight)
             out_ids.append(np.asarray(top)[:n])
             out_scores.append(np.asarray(score)[:n])
@@ -137,14 +159,15 @@ class ELIASIndex(Index):
 
     def _query(self, queries, setting: dict, k: int) -> SearchResult:
         cfg = self.config
-        beam = min(setting.get("beam", cfg.model.beam), self.n_clusters)
+        beam, group_beam = self._beams(setting)
         K = setting.get("shortlist", cfg.model.shortlist)
         offsets, members, weights = self.arrays["offsets"], self.arrays["members"], self.arrays["weights"]
         R, weight = self._reranked(setting, k, K)
         out_ids, out_scores, out_cand = [], [], []
         for batch, n in query_blocks(queries, cfg.search.query_batch):
             x = encoder_input(cfg.model.input, batch, self.dim)
-            phi, cids, cscores = self._route(self.params, x, beam=beam)
+            phi, cids, cscores = self._route_tree(x, beam, group_beam) if group_beam else self._route(
+                self.params, x, beam=beam)
             ids, paths, _, n_cand = kernels.host.merge_topk(
                 np.asarray(cids)[:, None, :], np.asarray(cscores)[:, None, :], offsets, members, weights, K, 1,
                 "max", len(self), cfg.search.n_threads)
@@ -154,6 +177,15 @@ class ELIASIndex(Index):
             out_scores.append(np.asarray(score)[:n])
             out_cand.append(np.asarray(n_cand)[:n])
         return _padded(np.concatenate(out_ids), np.concatenate(out_scores), np.concatenate(out_cand), k)
+
+
+    def _route_tree(self, x, beam: int, group_beam: int):
+        """A tree's host route: the top groups in JAX, then `tree_beam` over their clusters' rows (what
+        `route_clusters` gives from every cluster's score, reading only the opened groups' rows)."""
+        phi, gids, glogp = self._route_groups(self.params, x, group_beam=group_beam)
+        cids, clogp = kernels.host.tree_beam(np.asarray(phi), np.asarray(gids), np.asarray(glogp), self._leaf_rows,
+                                             self._leaf_bias, self.n_groups, beam, self.config.search.n_threads)
+        return phi, cids, np.exp(np.minimum(0.0, np.float32(math.log(self.config.model.alpha)) + clogp))
 
 
 def _padded(ids, scores, n_cand, k: int) -> SearchResult:
@@ -202,21 +234,21 @@ class ShardedLabels:
         """Bytes of the adjacency and the label classifier on each device."""
         return device_bytes((self.arrays, self.labels))
 
-    def search(self, encoder, alpha: float, x, *, beam: int, shortlist: int, k: int):
+    def search(self, encoder, alpha: float, x, *, beam: int, group_beam: int, shortlist: int, k: int):
         """One block of queries: (label ids [Q, k] (-1 = none), scores [Q, k], labels hit [Q])."""
-        fn = _labels_fn(self.mesh, self.axes, encoder, alpha, beam, shortlist, k, self.max_bucket)
+        fn = _labels_fn(self.mesh, self.axes, encoder, alpha, beam, group_beam, shortlist, k, self.max_bucket)
         return fn(self.rest, self.labels, self.arrays["offsets"], self.arrays["members"], self.arrays["weights"],
                   replicate(self.mesh, x))
 
 
 @functools.lru_cache(maxsize=32)
-def _labels_fn(mesh, axes, encoder, alpha, beam, K, k, max_bucket):
+def _labels_fn(mesh, axes, encoder, alpha, beam, group_beam, K, k, max_bucket):
     from jaxidx.search.device import _merge_topk, _rank_key, _take_top
     D = mesh.devices.size
 
     def local(rest, labels, offsets, members, weights, x):
         labels = jax.tree.map(lambda a: a[0], labels)
-        phi, cids, cscores = route_clusters(encoder, alpha, rest, x, beam)
+        phi, cids, cscores = route_clusters(encoder, alpha, rest, x, beam, group_beam)
         ids, paths, _, n_cand = _merge_topk(cids[:, None, :], cscores[:, None, :], offsets[0], members[0], weights[0],
                                             k=K, min_count=1, agg="max", max_bucket_size=max_bucket)
         final = jnp.where(ids >= 0, paths * jax.nn.sigmoid(label_logits(labels, phi, ids, dense=False)), -jnp.inf)

@@ -20,9 +20,9 @@ NEG = -1e30  # log score of an absent edge / label: finite, so no inf or NaN rea
 _BIG_ID = np.iinfo(np.int32).max  # sorts padding after every label id
 
 
-def log_cluster_scores(logits: jax.Array, alpha: float) -> jax.Array:
-    """log s_c = log min(1, alpha * softmax(logits)_c), [b, C]."""
-    return jnp.minimum(0.0, math.log(alpha) + jax.nn.log_softmax(logits, axis=-1))
+def log_cluster_scores(log_p: jax.Array, alpha: float) -> jax.Array:
+    """log s_c = log min(1, alpha * p_c) of the clusters' log probabilities `log_p` [b, C]."""
+    return jnp.minimum(0.0, math.log(alpha) + log_p)
 
 
 def log_edge_weights(edge_logits: Optional[jax.Array], members: jax.Array, beta: float) -> jax.Array:
@@ -38,18 +38,18 @@ def log_edge_weights(edge_logits: Optional[jax.Array], members: jax.Array, beta:
     return jnp.where(valid, jnp.minimum(0.0, math.log(beta) + logp), NEG)
 
 
-def cluster_beam(logits: jax.Array, log_s: jax.Array, width: int, forced: Optional[jax.Array] = None):
-    """The `width` best clusters per row by softmax probability: (ids [b, width], log s_c [b, width]).
+def cluster_beam(log_p: jax.Array, log_s: jax.Array, width: int, forced: Optional[jax.Array] = None):
+    """The `width` best clusters per row by probability: (ids [b, width], log s_c [b, width]).
 
     `forced` [b, P] cluster ids (-1 = none) are put in the beam first (teacher
     forcing: the clusters of the positive labels); the rest of the beam is the
     best remaining clusters. If there are more forced clusters than `width`,
     the best-scored of them are kept.
     """
-    key = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+    key = jnp.exp(jax.lax.stop_gradient(log_p))
     if forced is not None:
-        rows = jnp.arange(logits.shape[0])[:, None]
-        hit = jnp.zeros(logits.shape, jnp.float32).at[rows, jnp.where(forced >= 0, forced, 0)].max(
+        rows = jnp.arange(log_p.shape[0])[:, None]
+        hit = jnp.zeros(log_p.shape, jnp.float32).at[rows, jnp.where(forced >= 0, forced, 0)].max(
             (forced >= 0).astype(jnp.float32))
         key = key + 2.0 * hit
     _, ids = jax.lax.top_k(key, width)
@@ -218,12 +218,46 @@ def cluster_logits(params, phi):
     return phi @ params["clusters"]["kernel"] + params["clusters"]["bias"]
 
 
-def route_clusters(encoder, alpha: float, params, x, beam: int):
-    """Search route: (phi [b, d], top-`beam` cluster ids [b, beam] int32, their scores s_c [b, beam])."""
-    phi = encode(encoder, params, x)
+def group_log_probs(params, phi):
+    """log p of the first level of a cluster tree (`params` has 'groups'), [b, G]."""
+    return jax.nn.log_softmax(phi @ params["groups"]["kernel"] + params["groups"]["bias"], axis=-1)
+
+
+def cluster_log_probs(params, phi, group_beam: int = 0):
+    """log p_c of every cluster [b, C]: the flat classifier's log softmax, or with a two-level tree
+    ('groups' in params: G groups, group g owning the C / G clusters [g C/G, (g+1) C/G), siblings of the
+    balanced clustering) log p_g + the log softmax among the cluster's siblings. `group_beam` > 0 (a
+    tree's search): only the clusters of each row's top `group_beam` groups, the others NEG, which is
+    what the host's `tree_beam` computes from those groups alone."""
     logits = cluster_logits(params, phi)
-    ids, log_s = cluster_beam(logits, log_cluster_scores(logits, alpha), beam)
+    if "groups" not in params:
+        return jax.nn.log_softmax(logits, axis=-1)
+    log_g = group_log_probs(params, phi)
+    b, G = log_g.shape
+    log_p = log_g[:, :, None] + jax.nn.log_softmax(logits.reshape(b, G, -1), axis=-1)
+    if group_beam:
+        _, top = jax.lax.top_k(log_g, group_beam)
+        routed = jnp.zeros((b, G), bool).at[jnp.arange(b)[:, None], top].set(True)
+        log_p = jnp.where(routed[:, :, None], log_p, NEG)
+    return log_p.reshape(b, -1)
+
+
+def route_clusters(encoder, alpha: float, params, x, beam: int, group_beam: int = 0):
+    """Search route: (phi [b, d], top-`beam` cluster ids [b, beam] int32, their scores s_c [b, beam]);
+    with a cluster tree, `beam` of the clusters below the top `group_beam` groups (beam at most
+    group_beam x the group size)."""
+    phi = encode(encoder, params, x)
+    log_p = cluster_log_probs(params, phi, group_beam)
+    ids, log_s = cluster_beam(log_p, log_cluster_scores(log_p, alpha), beam)
     return phi, ids.astype(jnp.int32), jnp.exp(log_s)
+
+
+def route_groups(encoder, params, x, group_beam: int):
+    """The first level of a cluster tree's search: (phi [b, d], top `group_beam` group ids [b, group_beam]
+    int32, their log p [b, group_beam]); the host's `tree_beam` takes the second."""
+    phi = encode(encoder, params, x)
+    log_g, ids = jax.lax.top_k(group_log_probs(params, phi), group_beam)
+    return phi, ids.astype(jnp.int32), log_g
 
 
 def rank_shortlist(params, phi, ids, paths, k: int):

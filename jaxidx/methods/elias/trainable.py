@@ -18,7 +18,7 @@ from jaxidx.methods.elias import ranker
 from jaxidx.methods.elias.graph import approximate_adjacency, home_clusters
 from jaxidx.methods.elias.index import ELIASIndex
 from jaxidx.methods.elias.maths import (
-    NEG, best_paths, cluster_beam, cluster_logits, dense_best_paths, elias_loss, encode, encoder_input, expand_paths,
+    NEG, best_paths, cluster_beam, cluster_log_probs, dense_best_paths, elias_loss, encode, encoder_input, expand_paths,
     is_positive, label_logits, log_cluster_scores, log_edge_weights, lookup, make_encoder, multi_hot, route_clusters,
     shortlist, top_k_mask)
 from jaxidx.train import batches as B_
@@ -69,8 +69,13 @@ def validate_config(config, n_labels: int) -> None:
     if choice == "lazy" and m.layout != "sparse":
         raise ValueError("train.label_optimizer: 'lazy' needs model.layout 'sparse' (the dense layout scores "
                          "every label in every step, so every label row has a gradient)")
-    if clustering.n_leaves_for(n_labels, m.max_leaf) > n_labels:
+    C = clustering.n_leaves_for(n_labels, m.max_leaf)
+    if C > n_labels:
         raise ValueError(f"model.max_leaf: {m.max_leaf} gives more clusters than the {n_labels} labels")
+    G = cluster_groups(config)
+    if G and not (G >= 2 and G & (G - 1) == 0 and 2 * G <= C):
+        raise ValueError(f"model.cluster_groups: must be 0 (one flat cluster classifier) or a power of two in "
+                         f"[2, C / 2] with C = {C} clusters ({n_labels} labels, max_leaf {m.max_leaf}), got {G}")
     if not 0 <= t.warmup < 1:
         raise ValueError(f"train.warmup: must be in [0, 1), got {t.warmup}")
     for s in config.search.settings:
@@ -94,6 +99,12 @@ def validate_config(config, n_labels: int) -> None:
 def ranker_steps(config) -> int:
     """Steps of the sparse ranker's stage (0 for runs saved before it existed)."""
     return int(config.ranker.steps) if "ranker" in config else 0
+
+
+def cluster_groups(config) -> int:
+    """`model.cluster_groups`: the first level of a two-level cluster tree (0: the flat classifier, also for
+    runs saved before the field existed)."""
+    return int(config.model.get("cluster_groups", 0))
 
 
 def label_optimizer(config) -> str:
@@ -129,6 +140,7 @@ class ELIAS:
         validate_config(config, self.n_labels)
         m = config.model
         self.n_clusters = clustering.n_leaves_for(self.n_labels, m.max_leaf)
+        self.n_groups = cluster_groups(config)
         self.n_label_rows = -(-self.n_labels // m.label_multiple) * m.label_multiple
         self.inputs = B_.xmc_inputs(data.X_train, data.tokens_train)
         self.labels = B_.pad_label_lists(data.Y_train)
@@ -169,7 +181,8 @@ class ELIASStage:
         self.width = -(-L // C) if stage == 1 else min(m.kappa, L)
         self.train_beam = min(C, m.beam + m.teacher_extra)
         self.train_k = min(m.shortlist, self.train_beam * self.width)
-        self._route = jax.jit(partial(route_clusters, method.encoder, self.config.model.alpha), static_argnames="beam")
+        self._route = jax.jit(partial(route_clusters, method.encoder, self.config.model.alpha),
+                              static_argnames=("beam", "group_beam"))
         self.lazy_labels = lazy_label_rows(self.config)
 
     # --- model -----------------------------------------------------------------------------------
@@ -192,6 +205,10 @@ class ELIASStage:
             "labels": {"kernel": jax.nn.initializers.lecun_normal()(k_lab, (method.n_label_rows, d)),
                        "bias": jnp.zeros(method.n_label_rows)},
         }
+        if method.n_groups:  # the tree's first level (its leaves are the clusters' own classifier)
+            params["groups"] = {"kernel": jax.nn.initializers.lecun_normal()(jax.random.fold_in(k_cls, 1),
+                                                                             (d, method.n_groups)),
+                                "bias": jnp.zeros(method.n_groups)}
         if self.stage == 1:
             leaf = self._initial_clustering()
             return params, {"members": clustering.leaf_members(leaf, method.n_clusters), "home": leaf}
@@ -201,7 +218,9 @@ class ELIASStage:
             return params, {"members": np.full((method.n_clusters, self.width), -1, np.int32),
                             "home": np.full(method.n_labels, -1, np.int32)}
         prev = mesh_lib.to_host(self.previous.params)
-        params["encoder"], params["clusters"] = prev["encoder"], prev["clusters"]
+        for name in ("encoder", "clusters", "groups"):
+            if name in prev:
+                params[name] = prev[name]
         if not self.config.train.stage2_reinit_labels:
             params["labels"] = prev["labels"]
         members, _ = self._approximate_adjacency(prev)
@@ -229,9 +248,9 @@ class ELIASStage:
         m = self.config.model
         labels = batch["labels"]
         phi = self.encode(params, batch["x"], rng)
-        logits = cluster_logits(params, phi)
+        log_p = cluster_log_probs(params, phi)  # a tree: every cluster's exact log p (its training beam is exact)
         forced = jnp.where(labels >= 0, jnp.take(aux["home"], jnp.where(labels >= 0, labels, 0)), -1)
-        beam_ids, beam_log_s = cluster_beam(logits, log_cluster_scores(logits, m.alpha), self.train_beam, forced)
+        beam_ids, beam_log_s = cluster_beam(log_p, log_cluster_scores(log_p, m.alpha), self.train_beam, forced)
         cand, cand_log_path = expand_paths(beam_ids, beam_log_s, aux["members"],
                                            self.log_edges(params, aux["members"]))
         if m.layout == "dense":  # [b, label rows]: scatter-max, threshold by bisection, one matmul
@@ -302,6 +321,7 @@ class ELIASStage:
         return {"stage": self.stage, "n_labels": method.n_labels, "n_features": method.n_features,
                 "n_clusters": method.n_clusters, "width": self.width, "hidden": list(m.hidden),
                 "input": m.input, "label_rows": method.n_label_rows,
+                **({"cluster_groups": method.n_groups} if method.n_groups else {}),
                 "label_optimizer": "lazy" if self.lazy_labels else "dense",  # the optimizer state's structure
                 **({"vocab_size": method.data.vocab_size, "token_len": method.token_len,
                     "transformer": dict(m.transformer)}
@@ -320,10 +340,11 @@ class ELIASStage:
         """Members [C, width] of A from stage 1's top-b clusters of every training point."""
         method, m = self.method, self.config.model
         beam = min(m.beam, method.n_clusters)
+        group_beam = min(beam, method.n_groups)  # a tree: the search's default (ELIASIndex.default_setting)
         bs = self.config.search.query_batch
         ids, scores = [], []
         for rows, n in query_blocks(method.inputs, bs):
-            _, i, sc = self._route(params, method.features(rows), beam=beam)
+            _, i, sc = self._route(params, method.features(rows), beam=beam, group_beam=group_beam)
             ids.append(np.asarray(i)[:n])
             scores.append(np.asarray(sc)[:n])
         members, values = approximate_adjacency(method.data.Y_train, np.concatenate(ids), np.concatenate(scores),
