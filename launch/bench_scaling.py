@@ -5,8 +5,10 @@
 
 XMC: IRLI and ELIAS (`scaling_xmc` presets in configs/) on `scaling_xmc_spec(L)` (power-law labels, L / 20
 training examples, 10K features) for each L, trained for a fixed budget of about --steps steps per stage;
-ELIAS also without its cluster cap (C = L / 100) at --elias_uncapped, untrained (per-query cost only), and
-with dense AdamW over all label rows (its path before lazy label rows) at --elias_dense_labels.
+ELIAS also without its cluster cap (C = L / 100) at --elias_uncapped, untrained (per-query cost only), with the
+flat cluster classifier; trained with a two-level cluster tree and no cap (C = L / 100) at --elias_tree (P@1 and
+cost beside the flat classifier); and with dense AdamW over all label rows (its path before lazy label rows)
+at --elias_dense_labels.
 ANN: LMI and IRLI (`scaling_ann` presets) on GloVe (`scaling_ann_spec(N)`, noisy copies beyond 390K) beside
 faiss IVF-Flat (nlist = the learned index's bucket count), hnswlib and brute force. Devices: the `tiny`
 presets trained on 1, 2, 4, 8 simulated CPU devices (`JAX_NUM_CPU_DEVICES`), losses and parameters compared.
@@ -42,7 +44,7 @@ FULL = {"xmc_labels": [10**4, 10**5, 10**6], "ann_sizes": [100000, 390000, 10000
         "xmc_methods": ["irli", "elias"], "ann_methods": ["lmi", "irli"], "device_methods": ["irli", "lmi", "elias"],
         "steps": 128, "lmi_examples": 2 * 10**6, "irli_ann_epochs": 8, "device_epochs": 2, "xmc_test": 1000,
         "ann_queries": 1000, "candidates": 4000, "latency_queries": 200, "device_data": {}, "elias_uncapped": None,
-        "elias_dense_labels": None,
+        "elias_dense_labels": None, "elias_tree": None,
         "irli_ann_max": 1000000, "hnsw_budget": 300.0, "hnsw_ef": 40, "workdir": "runs/scaling"}
 SMALL = dict(FULL, xmc_labels=[1000, 3000], ann_sizes=[2000, 6000], steps=1, lmi_examples=2000, irli_ann_epochs=2,
              device_epochs=1, xmc_test=100, ann_queries=100, candidates=1000, latency_queries=20,
@@ -65,6 +67,8 @@ flags.DEFINE_integer("irli_ann_epochs", None, "IRLI training epochs in the ANN p
                      "re-partitioned halfway).")
 flags.DEFINE_list("elias_uncapped", None, "L at which ELIAS also runs with C = L / 100, untrained, for its per-query "
                   "cost (default: the largest L, if the cluster cap changes its C).")
+flags.DEFINE_list("elias_tree", None, "L at which ELIAS also trains with a two-level cluster tree and C = L / 100 "
+                  "(no cap: the tree routes them; default: the largest L).")
 flags.DEFINE_list("elias_dense_labels", None, "L at which ELIAS also trains with train.label_optimizer 'dense' "
                   "(AdamW over all L label rows every step) beside the lazy rows of its sparse layout, for the "
                   "step-time comparison (default: the largest L).")
@@ -83,7 +87,8 @@ flags.DEFINE_string("worker", None, "Internal: run one measurement (a JSON job) 
 flags.DEFINE_integer("threads", 0, "Internal: cores a worker is pinned to (search workers: 1).")
 FLAGS = flags.FLAGS
 _FLAG_KEYS = ("xmc_labels", "ann_sizes", "devices", "xmc_methods", "ann_methods", "device_methods", "steps",
-              "lmi_examples", "irli_ann_epochs", "elias_uncapped", "elias_dense_labels", "irli_ann_max", "hnsw_budget",
+              "lmi_examples", "irli_ann_epochs", "elias_uncapped", "elias_dense_labels", "elias_tree", "irli_ann_max",
+              "hnsw_budget",
               "candidates", "xmc_test", "hnsw_ef", "workdir")
 
 
@@ -123,7 +128,7 @@ def train_job(job: dict) -> dict:
     from jaxidx.train.loop import fit, stage_dir
     mod = _preset(job["method"])
     if job["part"] == "xmc":
-        extra = {"max_clusters": job["max_clusters"]} if "max_clusters" in job else {}
+        extra = {k: job[k] for k in ("max_clusters", "tree") if k in job}
         config = mod.scaling_xmc(job["size"], steps=job["steps"], n_test=job["queries"], **extra)
         if "label_optimizer" in job:
             config.train.label_optimizer = job["label_optimizer"]
@@ -267,13 +272,18 @@ def xmc_part(cfg: dict, run=run_worker) -> dict:
         dense_labels = labels[-1:] if "elias" in cfg["xmc_methods"] else []
     runs = [(m, L, {}) for m in cfg["xmc_methods"] for L in labels]
     runs += [("elias", L, {"label_optimizer": "dense"}) for L in dense_labels]
-    runs += [("elias", L, {"max_clusters": 0, "steps": 0}) for L in uncapped]
+    tree_labels = cfg["elias_tree"]
+    if tree_labels is None:
+        tree_labels = labels[-1:] if "elias" in cfg["xmc_methods"] else []
+    runs += [("elias", L, {"max_clusters": 0, "tree": True}) for L in tree_labels]
+    runs += [("elias", L, {"max_clusters": 0, "steps": 0, "tree": False}) for L in uncapped]
     rows = []
     for method, L, extra in runs:
-        uncap, dense = "max_clusters" in extra, "label_optimizer" in extra
+        tree, dense = extra.get("tree", False), "label_optimizer" in extra
+        uncap = "max_clusters" in extra and not tree  # untrained, cost only
         job = {"part": "xmc", "method": method, "size": L, "steps": cfg["steps"], "queries": cfg["xmc_test"],
                "workdir": os.path.join(cfg["workdir"], f"xmc-{method}-{L}" + ("-uncapped" if uncap else "")
-                                       + ("-dense-labels" if dense else "")), **extra}
+                                       + ("-tree" if tree else "") + ("-dense-labels" if dense else "")), **extra}
         print(f"== xmc {method} L={L} {extra}", flush=True)
         tr = run("train", job)
         se = run("search", dict(job, latency_queries=cfg["latency_queries"]))
@@ -281,10 +291,11 @@ def xmc_part(cfg: dict, run=run_worker) -> dict:
         arrays = {**tr["arrays"], **{"index." + k: v for k, v in se["arrays"].items()}}
         rows.append({
             "method": method + (" (C = L/100, untrained: cost only)" if uncap else "")
+            + (f" (C = L/100, cluster tree of {sh['cluster_groups']} groups)" if tree else "")
             + (" (dense label AdamW)" if dense else ""), "labels": L,
             "buckets": sh.get("n_buckets", sh.get("n_clusters")), "train_examples": tr["n_train"],
             "steps": "/".join(str(s["steps"]) for s in st), "epochs": "/".join(str(s["epochs"]) for s in st),
-            "step_ms": "/".join(f"{s['step_ms']:.0f}" for s in st),
+            "step_ms": "/".join("-" if s["step_ms"] is None else f"{s['step_ms']:.0f}" for s in st),
             "build_s": "/".join(f"{s.get('init_s', 0) + sum(s.get('end_of_epoch_s', [])):.1f}" for s in st),
             "train_s": sum(s["train_s"] for s in st), "train_rss_mb": tr["train_rss_mb"],
             "search_rss_mb": se["search_rss_mb"], "device_peak_mb": tr["device_peak_mb"],
@@ -423,7 +434,8 @@ def plot(out: dict, stem: str) -> list[str]:
         paths.append(path)
 
     if "xmc" in out:
-        rows = [dict(r, step=float(r["step_ms"].split("/")[-1])) for r in out["xmc"]["rows"] if "note" not in r]
+        rows = [dict(r, step=None if r["step_ms"].endswith("-") else float(r["step_ms"].split("/")[-1]))
+                for r in out["xmc"]["rows"] if "note" not in r]
         panels(rows, "labels", "method", [("latency_ms_p50", "latency ms (1 query, 1 thread)"),
                                           ("us_per_query", "us / query (batch, 1 thread)"),
                                           ("candidates_per_query", "candidates / query"),

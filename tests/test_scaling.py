@@ -59,7 +59,8 @@ def test_small_xmc_study_fills_the_table_and_memory_is_linear_in_labels(tmp_path
                                run=_in_process(scaling))["rows"])
     measured = [r for r in rows if "note" not in r]
     assert [(r["method"], r["labels"]) for r in measured] == [("irli", n) for n in cfg["xmc_labels"]] + [
-        ("elias", cfg["xmc_labels"][0]), ("elias (dense label AdamW)", cfg["xmc_labels"][0])]  # lazy vs dense rows
+        ("elias", cfg["xmc_labels"][0]), ("elias (dense label AdamW)", cfg["xmc_labels"][0]),  # lazy vs dense rows
+        ("elias (C = L/100, cluster tree of 4 groups)", cfg["xmc_labels"][0])]  # C = 16 clusters under 4 groups
     assert any(r["method"] == "lmi" and "TypeError" in r["note"] for r in rows)  # LMI does not do XMC: said so
     for r in measured:
         for col in set(scaling.XMC_COLUMNS) - {"note", "device_peak_mb", "array_growth"}:
