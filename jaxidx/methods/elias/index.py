@@ -178,7 +178,6 @@ class ELIASIndex(Index):
             out_cand.append(np.asarray(n_cand)[:n])
         return _padded(np.concatenate(out_ids), np.concatenate(out_scores), np.concatenate(out_cand), k)
 
-
     def _route_tree(self, x, beam: int, group_beam: int):
         """A tree's host route: the top groups in JAX, then `tree_beam` over their clusters' rows (what
         `route_clusters` gives from every cluster's score, reading only the opened groups' rows)."""

@@ -340,7 +340,7 @@ class ELIASStage:
         """Members [C, width] of A from stage 1's top-b clusters of every training point."""
         method, m = self.method, self.config.model
         beam = min(m.beam, method.n_clusters)
-        group_beam = min(beam, method.n_groups)  # a tree: the search's default (ELIASIndex.default_setting)
+        group_beam = min(beam, method.n_groups)  # a tree: the groups a search opens by default (ELIASIndex._beams)
         bs = self.config.search.query_batch
         ids, scores = [], []
         for rows, n in query_blocks(method.inputs, bs):
