@@ -259,28 +259,16 @@ def pq4_scan(path: str):
             os.environ["JAXIDX_NO_AVX512"] = before
 
 
-@contextlib.contextmanager
-def single_queries(index):
-    """A context in which `index` routes one query per call (its jitted routing compiled for a batch of 1,
-    as a caller searching query by query gets it)."""
-    block, index.config.search.query_batch = index.config.search.query_batch, 1
-    try:
-        yield index
-    finally:
-        index.config.search.query_batch = block
-
-
 def latency_ms(index, data, setting: dict, n: int, k: int = 10) -> dict:
-    """Median and 99th-percentile milliseconds of single-query searches of an index (batch of 1,
-    compiled for it) over the first `n` test queries of `data`."""
+    """Median and 99th-percentile milliseconds of single-query searches of an index (each a block of one
+    query, `query_blocks`) over the first `n` test queries of `data`."""
     import numpy as np
     from jaxidx.evaluate import test_queries
     from jaxidx.index import n_rows
     from jaxidx.train.batches import take
     queries = test_queries(data)
     one = [take(queries, np.arange(i, i + 1)) for i in range(min(n, n_rows(queries)))]
-    with single_queries(index):
-        times, _ = one_by_one(lambda q: index.query(q, setting, k), one)
+    times, _ = one_by_one(lambda q: index.query(q, setting, k), one)
     return {"latency_ms_p50": 1e3 * float(np.median(times)), "latency_ms_p99": 1e3 * float(np.quantile(times, 0.99))}
 
 

@@ -52,14 +52,17 @@ def n_rows(x) -> int:
 
 def query_blocks(queries, block: int) -> Iterator[tuple[Any, int]]:
     """Yield (rows, n): `queries` (dense [Q, d] or a dict of [Q, ...] arrays) in blocks of `block`
-    rows, the last one padded by repeating row 0 to the same shape, so each jitted function
-    compiles once; n is the number of real rows. The one batching rule of every search path."""
+    rows, the last one padded by repeating row 0 up to the next power of two (at most `block`), so
+    each jitted function compiles once per such size and a search of a few queries pays for a block
+    of their size, not of `block`; n is the number of real rows. The one batching rule of every
+    search path."""
     total = n_rows(queries)
     for start in range(0, total, block):
         rows = np.arange(start, min(start + block, total))
         n = len(rows)
-        if n < block:
-            rows = np.concatenate([rows, np.zeros(block - n, rows.dtype)])
+        size = min(block, 1 << (n - 1).bit_length())
+        if n < size:
+            rows = np.concatenate([rows, np.zeros(size - n, rows.dtype)])
         yield B_.take(queries, rows), n
 
 
@@ -380,8 +383,9 @@ def dense_rows(x, dim: int, what: str = "queries") -> np.ndarray:
 
 
 def sparse_rows(x, n_features: int) -> dict:
-    """XMC queries -> padded sparse rows {'idx', 'val'} (+ 'tokens' passed through): a scipy sparse matrix,
-    a dense array [n, n_features], or padded rows as given. Feature ids and values are checked."""
+    """XMC queries -> padded sparse rows {'idx', 'val'} (+ 'tokens' passed through): a scipy sparse matrix or
+    a dense array [n, n_features] (padded to a power-of-two width), or padded rows as given. Feature ids and
+    values are checked."""
     if isinstance(x, dict):
         out = dict(x)
     else:
@@ -390,7 +394,7 @@ def sparse_rows(x, n_features: int) -> dict:
         x = sp.csr_matrix(x, dtype=np.float32)
         if x.shape[1] != n_features:
             raise ValueError(f"queries: expected [n, {n_features}] features (the index's), got {list(x.shape)}")
-        out = B_.pad_sparse_rows(x)
+        out = B_.pad_sparse_rows(x, pow2=True)
     check_queries(out, n_features)
     if not np.isfinite(np.asarray(out["val"], np.float32)).all():
         raise ValueError("queries: feature values hold NaN or Inf")

@@ -1,4 +1,4 @@
-"""Single-query latency: trained jaxidx indexes searched one query per call (a batch of 1, one core)
+"""Single-query latency: trained jaxidx indexes searched one query per call (a block of 1, one core)
 beside hnswlib, faiss IVF-Flat and ScaNN searched the same way, in one run; p50 / p99 microseconds
 and each setting's recall@10 over the same queries.
 
@@ -70,12 +70,11 @@ def index_rows(queries, data):
         settings = json.loads(FLAGS.settings[i]) if i < len(FLAGS.settings) else index.config.search.settings
         n_buckets = index.stats()["n_buckets"]
         nlist = nlist or n_buckets
-        with bench.single_queries(index):
-            for s in settings:
-                s = {k: v for k, v in dict(s).items() if k != "max_candidates" or v}
-                rows.append(latency_row(f"{index.method} (B {n_buckets})", s,
-                                        lambda q, s=s: index.search(q, 10, **s), queries, data))
-                print(rows[-1], flush=True)
+        for s in settings:
+            s = {k: v for k, v in dict(s).items() if k != "max_candidates" or v}
+            rows.append(latency_row(f"{index.method} (B {n_buckets})", s,
+                                    lambda q, s=s: index.search(q, 10, **s), queries, data))
+            print(rows[-1], flush=True)
     return rows, nlist
 
 

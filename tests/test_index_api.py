@@ -71,6 +71,29 @@ def test_fit_on_xmc_pair_searches_csr_and_dense(xmc, xmc_indexes, method):
     np.testing.assert_array_equal(dense_ids, ids)
 
 
+def test_query_blocks_pad_a_short_block_to_a_power_of_two():
+    from jaxidx.index import query_blocks
+    x = np.arange(300, dtype=np.float32)[:, None]
+    for total, block, sizes in ((1, 256, [1]), (3, 256, [4]), (256, 256, [256]), (300, 256, [256, 64]),
+                                (130, 100, [100, 32]), (120, 100, [100, 32])):
+        blocks = list(query_blocks(x[:total], block))
+        assert [len(b) for b, _ in blocks] == sizes and [n for _, n in blocks] == [min(block, total - i * block)
+                                                                                  for i in range(len(sizes))]
+        np.testing.assert_array_equal(np.concatenate([b[:n] for b, n in blocks]), x[:total])  # every row, in order
+    (tokens, n), = query_blocks({"idx": np.ones((5, 2), np.int32)}, 256)  # dicts of rows alike
+    assert n == 5 and tokens["idx"].shape == (8, 2)
+
+
+@pytest.mark.parametrize("method", ["lmi", "irli"])
+def test_one_query_gets_the_results_of_its_batch(ann_indexes, ann, method):
+    index = ann_indexes[method]
+    ids, dist = index.search(ann.queries, k=10)
+    for i in (0, 37):
+        one_ids, one_dist = index.search(ann.queries[i:i + 1], k=10)
+        np.testing.assert_array_equal(one_ids[0], ids[i])
+        np.testing.assert_allclose(one_dist[0], dist[i], rtol=1e-6)
+
+
 def test_fewer_than_k_items_are_minus_one(ann_indexes, ann):
     ids, dist = ann_indexes["lmi"].search(ann.queries[:3], k=2500, n_probe=ann_indexes["lmi"].n_leaves)
     assert (ids[:, 2000:] == -1).all() and np.isinf(dist[:, 2000:]).all() and (ids[:, :2000] >= 0).all()

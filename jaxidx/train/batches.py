@@ -13,12 +13,16 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def pad_sparse_rows(X: sp.csr_matrix) -> dict:
-    """CSR [n, D] -> {'idx': int32 [n, F], 'val': float32 [n, F]}, F = max nnz per row (>= 1)."""
+def pad_sparse_rows(X: sp.csr_matrix, pow2: bool = False) -> dict:
+    """CSR [n, D] -> {'idx': int32 [n, F], 'val': float32 [n, F]}, F = max nnz per row (>= 1), or with
+    `pow2` the next power of two (searches: a jitted encoder then compiles once per power of two, not
+    once per row length). Padding entries are feature 0 with value 0."""
     X = sp.csr_matrix(X)
     n = X.shape[0]
     lens = np.diff(X.indptr)
     width = max(int(lens.max(initial=0)), 1)
+    if pow2:
+        width = 1 << (width - 1).bit_length()
     idx = np.zeros((n, width), np.int32)
     val = np.zeros((n, width), np.float32)
     rows = np.repeat(np.arange(n), lens)
