@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import jaxidx
 from helpers import train_stages as _train
 from jaxidx.data import synthetic_xmc
+from jaxidx.metrics import precision_at_k
 from jaxidx.methods.elias import ranker
 from jaxidx.runner import build
 from jaxidx.train.checkpoint import Checkpointer
@@ -105,11 +106,6 @@ def data():
     return synthetic_xmc(n_train=384, n_test=64, n_features=120, n_labels=60, seed=1)
 
 
-def _p_at_1(ids, Y):
-    Y = Y.tocsr()
-    return np.mean([ids[i, 0] in Y.indices[Y.indptr[i]:Y.indptr[i + 1]] for i in range(len(ids))])
-
-
 @pytest.fixture(scope="module")
 def ranked(tmp_path_factory, data):
     workdir = tmp_path_factory.mktemp("ranked")
@@ -132,7 +128,7 @@ def test_ranker_stage_trains_searches_resumes_and_saves(tmp_path, data, ranked):
     assert index.has_ranker and 0 < len(index.arrays["ranker_w"]) <= len(ref.aux["ranker_feats"])
     plain, _ = index.search(data.X_test, k=5, ranker_weight=0.0)
     mixed, scores = index.search(data.X_test, k=5)  # the config's weight, 0.5
-    assert _p_at_1(mixed, data.Y_test) > _p_at_1(plain, data.Y_test) + 0.05
+    assert precision_at_k(mixed, data.Y_test, 1) > precision_at_k(plain, data.Y_test, 1) + 0.05
     assert (np.diff(scores, axis=1) <= 0).all()
     device, _ = index.search(data.X_test, k=5, backend="device")
     np.testing.assert_array_equal(device, mixed)
