@@ -11,6 +11,7 @@ import math
 
 import ml_collections
 
+from jaxidx.clustering import n_leaves_for
 from jaxidx.config import base_config, budget_epochs, pow2_near, preset
 from jaxidx.data.synthetic import scaling_xmc_rows, scaling_xmc_spec
 
@@ -134,7 +135,7 @@ def auto(data) -> ml_collections.ConfigDict:
     L, n, D = data.n_labels, data.X_train.shape[0], data.n_features
     c = _elias(data.name)
     max_leaf = min(100, max(8, pow2_near(math.sqrt(L))))
-    C = 1 << max(0, math.ceil(math.log2(L / max_leaf)))
+    C = n_leaves_for(L, max_leaf)
     beam = min(20, max(4, C // 2), C)
     dense = D <= 4096
     c.model.update(input="dense" if dense else "sparse", max_leaf=max_leaf, beam=beam,
@@ -163,7 +164,7 @@ def scaling_xmc(n_labels: int, steps: int = 128, max_clusters: int = SCALING_MAX
     None) or always / never (True / False). About `steps` steps of 256 per stage, rounded up to whole epochs."""
     c = _elias(scaling_xmc_spec(n_labels, n_test))
     max_leaf = max(100, -(-n_labels // max_clusters)) if max_clusters else 100
-    C = 1 << max(0, math.ceil(math.log2(n_labels / max_leaf)))
+    C = n_leaves_for(n_labels, max_leaf)
     groups = tree_groups(C) if tree is None else pow2_near(math.sqrt(C)) if tree else 0
     c.model.update(hidden=(128,), dropout=0.2, max_leaf=max_leaf, beam=10, kappa=256, shortlist=500, layout="sparse",
                    cluster_groups=groups)
