@@ -320,12 +320,17 @@ inline bool use_avx512bw() {
 }
 #endif
 
-// A query's k nearest (a TopK of distances) into row q of ids / dist [Q, k], padded with -1 / +inf.
-inline void write_nearest(TopK& top, int64_t q, int64_t k, int32_t* ids, float* dist) {
+// The kept entries of a TopK into row q of ids / values [Q, k], best first, padded with -1 / `pad`.
+inline void write_top(TopK& top, int64_t q, int64_t k, int32_t* ids, float* values, float pad) {
     top.emit([&](size_t i, const Entry* e) {
         ids[q * k + i] = e ? e->id() : -1;
-        dist[q * k + i] = e ? e->value : INFINITY;
+        values[q * k + i] = e ? e->value : pad;
     });
+}
+
+// A query's k nearest (a TopK of distances) into row q of ids / dist [Q, k], padded with -1 / +inf.
+inline void write_nearest(TopK& top, int64_t q, int64_t k, int32_t* ids, float* dist) {
+    write_top(top, q, k, ids, dist, INFINITY);
 }
 
 }  // namespace jaxidx

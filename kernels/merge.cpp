@@ -433,10 +433,7 @@ py::tuple topk_rows(const py::object& x_o, const py::object& k_o, const py::obje
                 top.reset(static_cast<size_t>(k));
                 const float* row = x + r * c;
                 for (int64_t i = 0; i < c; ++i) top.push(row[i], static_cast<int32_t>(i));
-                top.emit([&](size_t i, const Entry* e) {
-                    out_idx[r * k + i] = e ? e->id() : -1;
-                    out_vals[r * k + i] = e ? e->value : -INFINITY;
-                });
+                write_top(top, r, k, out_idx, out_vals, -INFINITY);
             }
         });
     }

@@ -65,10 +65,7 @@ py::tuple tree_beam(const py::object& phi_o, const py::object& groups_o, const p
                         top.push(base + ((z[c] - m) - log_sum), static_cast<int32_t>(first + c));
                     }
                 }
-                top.emit([&](size_t i, const Entry* e) {
-                    out_ids[q * k + i] = e ? e->id() : -1;
-                    out_logp[q * k + i] = e ? e->value : -INFINITY;
-                });
+                write_top(top, q, k, out_ids, out_logp, -INFINITY);
             }
         });
     }
