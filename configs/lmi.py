@@ -41,6 +41,8 @@ def _lmi(data: str) -> ml_collections.ConfigDict:
                                             # -1 = dims chosen from the data, pq4.choose_dims)
     c.index.pq4_residual = True             # codes of x minus its leaf's mean (finer than codes of x)
     c.index.pq4_anisotropic = 0.0           # > 0 (angular, dot): ScaNN's score-aware loss, threshold T (pq4.py)
+    c.index.sq8 = False                     # also store 8-bit codes (one byte per dimension, sq8.py), which
+                                            # settings with reorder > 0 and codes='sq8' scan
     c.search.query_batch = 256              # queries per routing block (the re-rank takes lmi.RERANK_QUERIES)
     c.search.settings = [{"n_probe": p} for p in (1, 2, 4, 8, 16, 32, 64, 128)]
     return c
@@ -115,10 +117,12 @@ def auto(data) -> ml_collections.ConfigDict:
     the power of two near N / 100 (64..1024); soft targets; n_probe swept 1, 2, 3, 4, 6, ... up to
     every leaf (and candidate budgets), which covers recall@10 0.8-0.99 on the sets measured. Rows also
     get residual 4-bit PQ codes with the dims per sub-space `pq4.choose_dims` picks from a simulated search
-    on the data, and every n_probe is searched on the float rows and on the codes with reorder 30 and 100
-    (the re-ranks that won at recall 0.90 and 0.95 on the suite, BENCHMARKS.md): few candidates favour the
-    float scan, many the codes. Inner-product data (angular, dot) get anisotropic codes, ScaNN's threshold
-    0.2 (on GloVe they make 2 dims per sub-space the fastest, 1.05x plain PQ's best, BENCHMARKS.md)."""
+    on the data, and 8-bit codes (`sq8`, one byte per dimension); every n_probe is searched on the float
+    rows, on the 4-bit codes with reorder 30 and 100 and on the 8-bit ones with reorder 10 and 20 (the
+    re-ranks that won at recall 0.90 and 0.95 on the suite, BENCHMARKS.md): a short scan favours the float
+    rows or the 8-bit codes, a long one the 4-bit codes. Inner-product data (angular, dot) get anisotropic
+    4-bit codes, ScaNN's threshold 0.2 (on GloVe they make 2 dims per sub-space the fastest, 1.05x plain
+    PQ's best, BENCHMARKS.md)."""
     n, d = data.n_items, data.dim
     leaves = min(4096, pow2_near(math.sqrt(n)))
     c = _lmi(data.name)
@@ -126,10 +130,12 @@ def auto(data) -> ml_collections.ConfigDict:
     c.kmeans.balance = 2.0
     c.index.pq4_dims = -1
     c.index.pq4_anisotropic = 0.2 if data.metric in ("angular", "dot") else 0.0
+    c.index.sq8 = True
     c.train.update(epochs=min(20, max(3, round(2e6 / n))), batch_size=min(1024, max(64, pow2_near(n / 100))))
     probes = probe_sweep(leaves)
     budget_probe = max(p for p in probes if p <= max(1, leaves // 2))
-    c.search.settings = ([{"n_probe": p, **({"reorder": r} if r else {})} for p in probes for r in (0, 30, 100)]
+    codes = [{}, {"reorder": 30}, {"reorder": 100}, {"reorder": 10, "codes": "sq8"}, {"reorder": 20, "codes": "sq8"}]
+    c.search.settings = ([{"n_probe": p, **code} for p in probes for code in codes]
                          + [{"n_probe": budget_probe, "max_candidates": b} for b in (1000, 2000, 4000, 8000)
                             if b < n // 4])
     c.lock()

@@ -217,21 +217,24 @@ def check_config(config) -> None:
         reorder = s.get("reorder", 0)
         if reorder < 0:
             raise ValueError(f"search.settings: reorder={reorder} must be >= 0 (0 = scan the float rows)")
-        if reorder and not pq4_dims:
+        if reorder and s.get("codes", "pq4") == "pq4" and not pq4_dims:
             raise ValueError(f"search.settings: reorder={reorder} scans PQ codes; set index.pq4_dims > 0 (or -1)")
 
 
-def check_reorder(setting: dict, quantized: bool) -> int:
+def check_reorder(setting: dict, quantized: bool, how: str = "call index.quantize() (or train with "
+                  "--config.index.pq4_dims=-1)") -> int:
     """A search setting's `reorder` (0 = float rows; > 0 = codes, the best `reorder` re-ranked exactly),
-    checked against what the index holds; returns it."""
+    checked against what the index holds (`quantized`: the codes of the setting's kind; `how` to add them);
+    returns it."""
     reorder = setting.get("reorder", 0)
     if isinstance(reorder, bool) or not isinstance(reorder, (int, np.integer)) or reorder < 0:
         raise ValueError(f"search: reorder={reorder!r} must be an integer >= 0 (0 = scan the float rows)")
+    kind = "8-bit" if setting.get("codes", "pq4") == "sq8" else "PQ"
     if reorder and not quantized:
-        raise ValueError("search: reorder > 0 scores candidates from PQ codes, which this index does not hold: "
-                         "call index.quantize() (or train with --config.index.pq4_dims=-1)")
+        raise ValueError(f"search: reorder > 0 scores candidates from {kind} codes, which this index does not "
+                         f"hold: {how}")
     if reorder and setting.get("backend", "host") != "host":
-        raise ValueError("search: reorder > 0 (PQ codes) runs on backend='host' only; the device backend "
+        raise ValueError(f"search: reorder > 0 ({kind} codes) runs on backend='host' only; the device backend "
                          "scans float rows (reorder=0)")
     return int(reorder)
 

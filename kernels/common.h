@@ -318,7 +318,47 @@ inline bool use_avx512bw() {
     static const bool cpu = use_avx2() && __builtin_cpu_supports("avx512bw");
     return cpu && !std::getenv("JAXIDX_NO_AVX512");
 }
+
+// AVX-512 VNNI (byte dot products: sq8_search's scan), on the same terms as use_avx512bw.
+inline bool use_avx512vnni() {
+    static const bool cpu = use_avx512bw() && __builtin_cpu_supports("avx512vnni");
+    return cpu && !std::getenv("JAXIDX_NO_AVX512");
+}
 #endif
+
+// Leaf offsets rows [L+1] into n entries (`what`: "base rows", ...): from 0, non-decreasing, ending at n.
+inline void check_leaf_offsets(const int32_t* rows, int64_t L, int64_t n, const char* what) {
+    if (rows[0] != 0) fail("row_offsets", "must start at 0");
+    for (int64_t b = 0; b < L; ++b) {
+        if (rows[b + 1] < rows[b]) fail("row_offsets", "must be non-decreasing");
+    }
+    if (rows[L] != n) fail("row_offsets", "last entry " + std::to_string(rows[L]) + " != " + what + " " + std::to_string(n));
+}
+
+// The probed leaves [Q, P] of a leaf scan (-1 = none, no leaf twice in one query) and the rows read of each,
+// lens [Q, P] (0 where -1, at most the leaf's rows); on_leaf(b) is called for every probe of a leaf b.
+template <class OnLeaf>
+void check_probes(const int32_t* rows, int64_t L, const int32_t* leaves, const int32_t* lens, int64_t Q, int64_t P,
+                  OnLeaf&& on_leaf) {
+    std::vector<int64_t> seen(static_cast<size_t>(L), -1);  // a leaf probed twice by one query
+    for (int64_t q = 0; q < Q; ++q) {
+        for (int64_t p = 0; p < P; ++p) {
+            const int32_t b = leaves[q * P + p], n = lens[q * P + p];
+            if (b < -1 || b >= L) fail("leaves", "leaf " + std::to_string(b) + " out of range [-1, " + std::to_string(L) + ")");
+            if (b < 0) {
+                if (n != 0) fail("lens", "must be 0 where leaves is -1");
+                continue;
+            }
+            if (n < 0 || n > rows[b + 1] - rows[b]) {
+                fail("lens", std::to_string(n) + " rows of leaf " + std::to_string(b) + ", which has " +
+                                 std::to_string(rows[b + 1] - rows[b]));
+            }
+            if (seen[b] == q) fail("leaves", "query " + std::to_string(q) + " probes leaf " + std::to_string(b) + " twice");
+            seen[b] = q;
+            on_leaf(b);
+        }
+    }
+}
 
 // The kept entries of a TopK into row q of ids / values [Q, k], best first, padded with -1 / `pad`.
 inline void write_top(TopK& top, int64_t q, int64_t k, int32_t* ids, float* values, float pad) {

@@ -27,6 +27,7 @@
 // distinct probed row once; n_candidates counts the slots scanned.
 #include <functional>
 
+#include "reservoir.h"
 #include "scan.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -111,88 +112,6 @@ void quantize_lut(const float* lut, int64_t M, QuantTable& t) {
         }
     }
 }
-
-// Moves the n largest of a[0..len) (distinct keys, n <= len) to a[0..n), in any order: quickselect with
-// a median-of-three pivot and a branch-free partition (std::nth_element's branches mispredict on every
-// other element of these random keys, which made the cut most of a query's selection cost).
-inline void select_largest(uint64_t* a, size_t len, size_t n) {
-    size_t lo = 0, hi = len;
-    while (hi - lo > 16 && lo < n && n < hi) {
-        const uint64_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
-        const uint64_t pivot = std::max(std::min(x, y), std::min(std::max(x, y), z));
-        size_t store = lo;  // a[lo..store) > pivot, a[store..i) <= pivot; both sides non-empty (distinct keys)
-        for (size_t i = lo; i < hi; ++i) {
-            const uint64_t v = a[i];
-            a[i] = a[store];
-            a[store] = v;
-            store += v > pivot;
-        }
-        (store > n ? hi : lo) = store;
-    }
-    if (lo < n && n < hi) std::sort(a + lo, a + hi, std::greater<uint64_t>());
-}
-
-// The n smallest (value, row) pairs offered, ties by smaller row, in amortised O(1) per offer: offers
-// not above the bound go to a buffer of 2n rank keys (one uint64 each: rank_key(-value, row), larger =
-// better), cut back to its n best (select_largest) when full; the bound is then the n-th best value. A
-// heap (TopK) costs a sift per offer.
-class Reservoir {
-  public:
-    // Offers name slots, mapped to rows by ids (a row offered once per `tag`, marked in stamp [rows]); no
-    // ids: slots are rows.
-    void map_slots(const int32_t* ids, int32_t* stamp) {
-        ids_ = ids;
-        stamp_ = stamp;
-    }
-    void reset(size_t n, int32_t tag = 0) {
-        tag_ = tag;
-        n_ = n;
-        keys_.clear();
-        keys_.reserve(2 * n);
-        bound_ = INFINITY;
-        bound_key_ = 0;
-    }
-    float bound() const { return bound_; }
-    void push(float value, int32_t slot) {
-        int32_t row = slot;
-        if (ids_) {
-            row = ids_[slot];
-            if (stamp_[row] == tag_) return;  // offered already, with the same value (same codes)
-        }
-        const uint64_t key = rank_key(-value, row);
-        if (key < bound_key_) return;  // n kept rows rank first
-        if (ids_) stamp_[row] = tag_;
-        keys_.push_back(key);
-        if (keys_.size() == 2 * n_) cut();
-    }
-    // Rows of the n best offered (fewer if fewer were offered), in no particular order.
-    void rows(std::vector<int32_t>& out) {
-        if (keys_.size() > n_) cut();
-        out.clear();
-        for (uint64_t key : keys_) out.push_back(static_cast<int32_t>(0xFFFFFFFFu - static_cast<uint32_t>(key)));
-    }
-
-  private:
-    void cut() {
-        select_largest(keys_.data(), keys_.size(), n_);
-        keys_.resize(n_);
-        bound_key_ = *std::min_element(keys_.begin(), keys_.end());
-        // The value of the n-th best (rank_key's order inverted; NaN keeps the bound open).
-        const uint32_t ordered = static_cast<uint32_t>(bound_key_ >> 32);
-        const uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7FFFFFFFu) : ~ordered;
-        float neg;
-        std::memcpy(&neg, &bits, sizeof neg);
-        bound_ = ordered == 0 ? INFINITY : -neg;
-    }
-
-    size_t n_ = 0;
-    int32_t tag_ = 0;
-    const int32_t* ids_ = nullptr;
-    int32_t* stamp_ = nullptr;
-    float bound_ = INFINITY;
-    uint64_t bound_key_ = 0;
-    std::vector<uint64_t> keys_;
-};
 
 // Largest byte sum that can still enter a top whose worst kept value is `bound`: one unit above the
 // exact cut, so float rounding never drops a row the top would keep (the top decides on the value).
@@ -501,49 +420,28 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
     float* out_dist = dist_o.mutable_data();
     {
         py::gil_scoped_release release;
-        if (rows[0] != 0 || blocks[0] != 0) fail(rows[0] ? "row_offsets" : "block_offsets", "must start at 0");
+        check_leaf_offsets(rows, L, n_slots, row_ids ? "row_ids entries" : "base rows");
+        if (blocks[0] != 0) fail("block_offsets", "must start at 0");
         for (int64_t b = 0; b < L; ++b) {
             const int64_t size = int64_t{rows[b + 1]} - rows[b];
-            if (size < 0) fail("row_offsets", "must be non-decreasing");
             if (int64_t{blocks[b + 1]} - blocks[b] != (size + kBlockRows - 1) / kBlockRows) {
                 fail("block_offsets", "leaf " + std::to_string(b) + " has " + std::to_string(size) + " rows but " +
                                           std::to_string(int64_t{blocks[b + 1]} - blocks[b]) + " blocks (expected ceil(rows / 32))");
             }
         }
-        if (rows[L] != n_slots) {
-            fail("row_offsets", "last entry " + std::to_string(rows[L]) + " != " + (row_ids ? "row_ids entries " : "base rows ") +
-                                    std::to_string(n_slots));
-        }
-
         if (blocks[L] != n_blocks) fail("block_offsets", "last entry " + std::to_string(blocks[L]) + " != codes blocks " +
                                                              std::to_string(n_blocks));
-        std::vector<int64_t> seen(static_cast<size_t>(L), -1);  // a leaf probed twice by one query
         std::vector<char> checked(row_ids ? static_cast<size_t>(L) : 0, 0);  // leaves whose row_ids are checked
-        for (int64_t q = 0; q < Q; ++q) {
-            for (int64_t p = 0; p < P; ++p) {
-                const int32_t b = leaves[q * P + p], n = lens[q * P + p];
-                if (b < -1 || b >= L) fail("leaves", "leaf " + std::to_string(b) + " out of range [-1, " + std::to_string(L) + ")");
-                if (b < 0) {
-                    if (n != 0) fail("lens", "must be 0 where leaves is -1");
-                    continue;
-                }
-                if (n < 0 || n > rows[b + 1] - rows[b]) {
-                    fail("lens", std::to_string(n) + " rows of leaf " + std::to_string(b) + ", which has " +
-                                     std::to_string(rows[b + 1] - rows[b]));
-                }
-                if (seen[b] == q) fail("leaves", "query " + std::to_string(q) + " probes leaf " + std::to_string(b) + " twice");
-                seen[b] = q;
-                if (row_ids && !checked[b]) {  // the slots of probed leaves only: a single query checks its own
-                    checked[b] = 1;
-                    for (int64_t s = rows[b]; s < rows[b + 1]; ++s) {
-                        if (row_ids[s] < 0 || row_ids[s] >= N) {
-                            fail("row_ids", "entry " + std::to_string(s) + " is " + std::to_string(row_ids[s]) +
-                                                ", outside [0, " + std::to_string(N) + ")");
-                        }
-                    }
+        check_probes(rows, L, leaves, lens, Q, P, [&](int32_t b) {
+            if (!row_ids || checked[b]) return;  // the slots of probed leaves only: a single query checks its own
+            checked[b] = 1;
+            for (int64_t s = rows[b]; s < rows[b + 1]; ++s) {
+                if (row_ids[s] < 0 || row_ids[s] >= N) {
+                    fail("row_ids", "entry " + std::to_string(s) + " is " + std::to_string(row_ids[s]) +
+                                        ", outside [0, " + std::to_string(N) + ")");
                 }
             }
-        }
+        });
         const BlockScanFn scan_blocks = pick_block_scan();
         std::vector<float> cbt(static_cast<size_t>(M * dsub * kCentroids));  // codebooks as [M][dsub][16]
         for (int64_t m = 0; m < M; ++m) {

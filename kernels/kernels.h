@@ -31,6 +31,12 @@ py::tuple pq4_search(const py::object& queries, const py::object& base, const py
                      const py::object& reorder, const py::object& k, const py::object& metric,
                      const py::object& n_threads, const py::object& row_terms, const py::object& row_ids);
 
+py::tuple sq8_search(const py::object& queries, const py::object& base, const py::object& codes,
+                     const py::object& lo, const py::object& scale, const py::object& row_terms,
+                     const py::object& row_offsets, const py::object& leaves, const py::object& lens,
+                     const py::object& reorder, const py::object& k, const py::object& metric,
+                     const py::object& n_threads);
+
 py::tuple tree_beam(const py::object& phi, const py::object& groups, const py::object& group_logp,
                     const py::object& rows, const py::object& bias, const py::object& n_groups, const py::object& k,
                     const py::object& n_threads);

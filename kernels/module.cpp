@@ -20,17 +20,22 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("codebooks"), py::arg("centres"), py::arg("row_offsets"), py::arg("block_offsets"),
           py::arg("leaves"), py::arg("lens"), py::arg("reorder"), py::arg("k"), py::arg("metric"),
           py::arg("n_threads"), py::arg("row_terms"), py::arg("row_ids"));
+    m.def("sq8_search", &jaxidx::sq8_search, py::arg("queries"), py::arg("base"), py::arg("codes"), py::arg("lo"),
+          py::arg("scale"), py::arg("row_terms"), py::arg("row_offsets"), py::arg("leaves"), py::arg("lens"),
+          py::arg("reorder"), py::arg("k"), py::arg("metric"), py::arg("n_threads"));
     m.def(
         "simd_paths",
         [] {
-            std::string exact = "portable", fastscan = "portable";
+            std::string exact = "portable", fastscan = "portable", sq8 = "portable";
 #if defined(__x86_64__) || defined(__i386__)
-            if (jaxidx::use_avx2()) exact = fastscan = "avx2";
+            if (jaxidx::use_avx2()) exact = fastscan = sq8 = "avx2";
             if (jaxidx::use_avx512bw()) fastscan = "avx512bw";
+            if (jaxidx::use_avx512vnni()) sq8 = "avx512vnni";
 #endif
             py::dict out;
-            out["exact"] = exact;        // rerank_topk, merge_rerank_topk, pq4_search's re-rank
+            out["exact"] = exact;        // rerank_topk, merge_rerank_topk, pq4_search's and sq8_search's re-rank
             out["pq4_scan"] = fastscan;  // pq4_search's code scan
+            out["sq8_scan"] = sq8;       // sq8_search's code scan
             return out;
         },
         "The instruction set each kernel family runs on this CPU (chosen at run time; JAXIDX_NO_AVX2 / "

@@ -45,6 +45,10 @@ flags.DEFINE_list("reorder", "20,50,100,200,400", "ScaNN reorder sweep.")
 flags.DEFINE_list("quantize", [], "Per --workdir, in the same order: > 0 gives an LMI or IRLI index 4-bit PQ codes of "
                   "this many dims per sub-space (`quantize`) before searching, for settings with reorder; 'auto' "
                   "the dims pq4.choose_dims picks; 0 = as trained. The same --workdir may be given twice.")
+flags.DEFINE_list("sq8", [], "Per --workdir, in the same order (with --suite: per method of --methods): 1 gives an "
+                  "LMI index 8-bit codes (`quantize_sq8`) and adds, for every float-row setting of its sweep, the "
+                  "same setting on the codes at each --sq8_reorder.")
+flags.DEFINE_list("sq8_reorder", "10,20,30,50", "With --sq8: the reorder sweep of the 8-bit codes.")
 flags.DEFINE_list("anisotropic", [], "Per --workdir, in the same order, with --quantize: the score-aware loss's "
                   "threshold T for the codes (angular / dot data; 0 = plain PQ).")
 flags.DEFINE_list("pq4_scan", [], "Per --workdir, in the same order: the 4-bit scan's instruction set, 'auto' (the "
@@ -60,6 +64,14 @@ flags.DEFINE_multi_string("suite_data", [], "With --suite: these data specs (rep
 flags.DEFINE_list("methods", ["lmi", "irli"], "With --suite: the methods trained (auto presets).")
 flags.DEFINE_string("suite_dir", "runs/suite", "With --suite: where runs train; a finished run is reused.")
 FLAGS = flags.FLAGS
+
+
+def with_sq8(index, settings: list) -> list:
+    """--sq8: the index given 8-bit codes, and the settings plus each float-row one on the codes at every
+    --sq8_reorder."""
+    index.quantize_sq8()
+    floats = [s for s in settings if not s.get("reorder") and "max_candidates" not in s]
+    return list(settings) + [dict(s, reorder=int(r), codes="sq8") for s in floats for r in FLAGS.sq8_reorder]
 
 
 def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = True):
@@ -88,13 +100,19 @@ def index_rows(workdirs: list[str], data_spec=None, settings=(), tagged: bool = 
         n_buckets = index.stats()["n_buckets"]
         nlist = nlist or n_buckets
         scan = FLAGS.pq4_scan[i] if i < len(FLAGS.pq4_scan) else "auto"
+        sq8 = i < len(FLAGS.sq8) and bool(int(FLAGS.sq8[i]))
         name = (f"{index.method} (B {n_buckets}" + (f", pq4 {dims} dims/sub-space" if dims else "")
-                + (f", anisotropic T {threshold}" if dims and threshold else "")
+                + (f", anisotropic T {threshold}" if dims and threshold else "") + (", sq8" if sq8 else "")
                 + (f", {scan} scan" if scan != "auto" else "")
                 + (f", {os.path.basename(os.path.normpath(wd))})" if tagged else ")"))
         builds[name] = float(index.info.get("train_seconds", 0.0))
+        sweep = index.config.search.settings
+        if sq8:
+            if index.method != "lmi":
+                raise ValueError(f"--sq8: only LMI indexes hold 8-bit codes; {wd} is an {index.method.upper()} index")
+            sweep = with_sq8(index, sweep)
         with bench.pq4_scan(scan):
-            results = evaluate(index, data, index.config.search.settings, 10, warm=True)
+            results = evaluate(index, data, sweep, 10, warm=True)
         for r in results:
             setting = {k: v for k, v in r.items() if k not in
                        ("recall@10", "recall@10_distance", "candidates_per_query", "queries_per_second")}
@@ -187,10 +205,11 @@ def run_suite() -> dict:
         nlist = (lmi or jaxidx.load(wds[0])).stats()["n_buckets"]
         if lmi is not None:  # the same leaves routed by their means, as IVF routes: learned vs centroid routing
             lmi.config.search.n_threads = FLAGS.threads
-            for r in evaluate(lmi, data, [dict(s, route="centroids") for s in lmi.config.search.settings
-                                          if "max_candidates" not in s], 10, warm=True):
-                rows.append({"method": f"lmi-centroids (B {nlist})",
-                             "setting": {k: r[k] for k in ("n_probe", "reorder") if k in r},
+            sweep = [dict(s, route="centroids") for s in lmi.config.search.settings if "max_candidates" not in s]
+            sq8 = FLAGS.methods.index("lmi") < len(FLAGS.sq8) and int(FLAGS.sq8[FLAGS.methods.index("lmi")])
+            for r in evaluate(lmi, data, with_sq8(lmi, sweep) if sq8 else sweep, 10, warm=True):
+                rows.append({"method": f"lmi-centroids (B {nlist}{', sq8' if sq8 else ''})",
+                             "setting": {k: r[k] for k in ("n_probe", "reorder", "codes") if k in r},
                              **{k: r[k] for k in ("recall@10", "recall@10_distance", "candidates_per_query",
                                                   "queries_per_second")}})
         prows, pbuilds = peer_rows(data, nlist)

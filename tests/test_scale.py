@@ -82,7 +82,9 @@ def test_auto_rules_follow_the_data():
     l2 = get_config("lmi", SimpleNamespace(task="ann", n_items=5000, dim=8, metric="euclidean",
                                            name="synthetic-ann:n=100,d=8,metric=euclidean"))
     assert l2.index.pq4_anisotropic == 0.0
-    assert [s.get("reorder", 0) for s in c.search.settings[:3]] == [0, 30, 100]  # each n_probe: floats and codes
+    assert c.index.sq8  # 8-bit codes too
+    assert [(s.get("reorder", 0), s.get("codes", "pq4")) for s in c.search.settings[:5]] == [
+        (0, "pq4"), (30, "pq4"), (100, "pq4"), (10, "sq8"), (20, "sq8")]  # each n_probe: floats and both codes
     c = get_config("irli", small)
     assert (c.model.n_buckets, c.model.n_reps, c.train.max_train_points) == (64, 4, 0)
     assert c.index.pq4_dims == -1 and {s.get("reorder", 0) for s in c.search.settings} == {0, 30, 100, 300}

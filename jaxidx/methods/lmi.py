@@ -26,7 +26,8 @@ contiguous scan, passed to the kernel as a run of rows; results are original ids
 A quantized index (`LMIIndex.quantize`, or `index.pq4_dims` in the config) also
 holds 4-bit PQ codes of its rows (`jaxidx.pq4`); the setting `reorder` > 0 then
 scores the probed leaves from the codes (`pq4_search`, fast scan) and re-ranks
-only the `reorder` best exactly.
+only the `reorder` best exactly. 8-bit codes (`LMIIndex.quantize_sq8`, `index.sq8`;
+`jaxidx.sq8`) do the same with codes='sq8' in the setting (`sq8_search`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import scipy.sparse
 from jax.sharding import PartitionSpec as P
 
 from jaxidx import kmeans as km
-from jaxidx import pq4
+from jaxidx import pq4, sq8
 from jaxidx import search as kernels
 from jaxidx.data.types import ANNData
 from jaxidx.data.ann import normalize_rows
@@ -193,6 +194,7 @@ def validate_config(config, data) -> None:
     if t.node_batch_size < 0:
         raise ValueError(f"train.node_batch_size: must be >= 0 (0 = auto), got {t.node_batch_size}")
     pq4.check_config(config)
+    sq8.check_config(config)
     n_leaves = math.prod(levels)
     for s in config.search.settings:
         if not 1 <= s.get("n_probe", 0) <= n_leaves:
@@ -376,7 +378,7 @@ class LMIIndex(Index):
     """
 
     method, task = "lmi", "ann"
-    setting_keys = ("n_probe", "max_candidates", "route", "reorder")
+    setting_keys = ("n_probe", "max_candidates", "route", "reorder", "codes")
     ROUTES = ("learned", "centroids")
 
     def __init__(self, config, params, arrays, info):
@@ -411,6 +413,8 @@ class LMIIndex(Index):
             index.quantize("auto" if config.index.pq4_dims == -1 else config.index.pq4_dims,
                            config.index.pq4_residual, seed=config.seed,
                            anisotropic=config.index.get("pq4_anisotropic", 0.0))
+        if config.index.get("sq8", False):
+            index.quantize_sq8()
         return index
 
     @property
@@ -439,6 +443,12 @@ class LMIIndex(Index):
         self._blocks = None
         return self
 
+    def quantize_sq8(self) -> "LMIIndex":
+        """Add 8-bit codes of every row (`jaxidx.sq8`: one byte per dimension over each dimension's range),
+        which settings with `reorder` > 0 and codes='sq8' search. Returns the index; `save` keeps them."""
+        sq8.store(self.arrays, self.arrays["vectors"], kernel_metric(self.metric))
+        return self
+
     def sizes(self) -> np.ndarray:
         return np.diff(self.arrays["offsets"][0])
 
@@ -454,7 +464,12 @@ class LMIIndex(Index):
             raise ValueError(f"search: max_candidates={budget!r} must be an integer >= 0 (0 = no budget)")
         if setting.get("route", "learned") not in self.ROUTES:
             raise ValueError(f"search: route={setting['route']!r} must be one of {', '.join(self.ROUTES)}")
-        pq4.check_reorder(setting, self.quantized)
+        codes = setting.get("codes", "pq4")
+        if codes not in sq8.CODES:
+            raise ValueError(f"search: codes={codes!r} must be one of {', '.join(sq8.CODES)}")
+        pq4.check_reorder(setting, *((self.quantized,) if codes == "pq4" else
+                                     ("sq8_codes" in self.arrays, "call index.quantize_sq8() (or train with "
+                                      "--config.index.sq8=True)")))
 
     def _prepare(self, queries, what: str = "queries") -> np.ndarray:
         x = dense_rows(queries, self.dim, what)
@@ -507,7 +522,12 @@ class LMIIndex(Index):
         for s in range(0, len(queries), RERANK_QUERIES):
             lv, q = leaves[s:s + RERANK_QUERIES], queries[s:s + RERANK_QUERIES]
             lens = select_leaves(sizes, lv, setting.get("max_candidates", 0))
-            if reorder:
+            if reorder and setting.get("codes", "pq4") == "sq8":
+                a = self.arrays
+                rows, d, n = kernels.sq8_search(q, a["vectors"], a["sq8_codes"], a["sq8_lo"], a["sq8_scale"],
+                                                a.get("sq8_terms"), offsets, lv, lens.astype(np.int32), reorder, k,
+                                                metric, threads)
+            elif reorder:
                 codes, block_offsets, terms = self.pq4_blocks()
                 rows, d, n = kernels.pq4_search(q, self.arrays["vectors"], codes, self.arrays["pq4_codebooks"],
                                                 self.arrays.get("pq4_centres"), offsets, block_offsets, lv,
@@ -575,6 +595,8 @@ class LMIIndex(Index):
             r = x[order] - centres[leaf[order]] if centres is not None else x[order]
             codes = pq4.codes_of(self.arrays, r, x[order])
             self.arrays["pq4_codes"] = np.insert(self.arrays["pq4_codes"], at, codes, axis=0)
+        if "sq8_codes" in self.arrays:
+            sq8.insert(self.arrays, at, x[order])
         self.arrays["vectors"] = np.ascontiguousarray(np.insert(self.arrays["vectors"], at, x[order], axis=0))
         self.arrays["ids"] = np.insert(self.arrays["ids"], at, new_ids[order])
         self.arrays["offsets"] = _offsets_of(self.sizes() + np.bincount(leaf, minlength=self.n_leaves))
@@ -593,6 +615,8 @@ class LMIIndex(Index):
         self.arrays["ids"] = self.arrays["ids"][keep]
         if self.quantized:
             self.arrays["pq4_codes"] = np.ascontiguousarray(self.arrays["pq4_codes"][keep])
+        if "sq8_codes" in self.arrays:
+            sq8.keep(self.arrays, keep)
         self.arrays["offsets"] = _offsets_of(np.bincount(row_leaf[keep], minlength=self.n_leaves))
         self.info["n_items"] = len(self.arrays["ids"])
         self._drop_device_state()

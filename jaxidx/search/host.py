@@ -21,8 +21,8 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the build
     raise ImportError("jaxidx._kernels is not built; run `python3 setup.py build_ext --inplace`") from e
 
-__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "pq4_search", "topk_rows",
-           "tree_beam", "balanced_assign"]
+__all__ = ["merge_topk", "merge_candidates", "rerank_topk", "merge_rerank_topk", "pq4_search", "sq8_search",
+           "topk_rows", "tree_beam", "balanced_assign"]
 
 
 def merge_topk(bucket_ids, bucket_scores, offsets, members, weights, k, min_count=1, agg="sum", n_items=None,
@@ -67,9 +67,19 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
                                reorder, k, metric, n_threads, row_terms, row_ids)
 
 
+def sq8_search(queries, base, codes, lo, scale, row_terms, row_offsets, leaves, lens, reorder, k, metric="l2",
+               n_threads=0):
+    """Probed leaves scored from 8-bit codes (integer dot products: AVX-512 VNNI or AVX2, whichever the CPU
+    has, `simd_paths()`), the `reorder` best re-ranked exactly: (rows, dist, n_candidates). See
+    reference.sq8_search."""
+    return _kernels.sq8_search(queries, base, codes, lo, scale, row_terms, row_offsets, leaves, lens, reorder, k,
+                               metric, n_threads)
+
+
 def simd_paths():
-    """The instruction set each kernel family runs on this CPU: {"exact": ..., "pq4_scan": ...}, each
-    "avx512bw", "avx2" or "portable" (chosen at run time; JAXIDX_NO_AVX2 / JAXIDX_NO_AVX512 force narrower)."""
+    """The instruction set each kernel family runs on this CPU: {"exact": ..., "pq4_scan": ..., "sq8_scan": ...},
+    each "avx512bw" / "avx512vnni", "avx2" or "portable" (chosen at run time; JAXIDX_NO_AVX2 / JAXIDX_NO_AVX512
+    force narrower)."""
     return _kernels.simd_paths()
 
 

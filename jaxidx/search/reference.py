@@ -17,7 +17,7 @@ return; they are written for clarity, not speed. The rules they pin down:
 """
 import numpy as np
 
-__all__ = ["merge_topk", "rerank_topk", "topk_rows", "tree_beam", "balanced_assign", "lane_sum", "distances", "pq4_search",
+__all__ = ["merge_topk", "rerank_topk", "topk_rows", "tree_beam", "balanced_assign", "lane_sum", "distances", "pq4_search", "sq8_search",
            "pq4_table"]
 
 _METRICS = ("ip", "cosine", "l2")
@@ -438,6 +438,60 @@ def pq4_search(queries, base, codes, codebooks, centres, row_offsets, block_offs
             values = np.concatenate(values)[first]
             top = _rank(values, rows, descending=False)[:reorder]
             best[q, :len(top)] = rows[top]
+    ids, dist, _ = rerank_topk(queries, base, best, k, metric)
+    return ids, dist, n_cand
+
+
+def sq8_search(queries, base, codes, lo, scale, row_terms, row_offsets, leaves, lens, reorder, k, metric="l2",
+               n_threads=0):
+    """Probed leaves scored from 8-bit codes, the best `reorder` re-ranked exactly.
+
+    base float32 [N, d] in leaf layout (leaf b: rows row_offsets[b]:row_offsets[b+1], int32 [L+1]); codes
+    uint8 [N, dpad] (`jaxidx.sq8.encode`: dpad a multiple of 32, zero past d) standing for lo + scale * u
+    (lo, scale float32 [d]); leaves int32 [Q, P] (-1 = none, no leaf twice per query) and lens int32 [Q, P]
+    (the first lens rows of each probed leaf are its candidates; 0 where -1). Per query, in float32:
+    w = (q - lo) * scale (l2) or q * scale (ip), beta = max |w| / 63 (1 if w is 0), w8 = rint(w / beta)
+    (7-bit integers), and a row's value is row_terms[row] - (2 beta) * float32(w8 . u) for l2 (row_terms
+    float32 [N]: `sq8.row_terms`, required) or -(beta * float32(w8 . u)) for ip (row_terms None); the dot is
+    exact (int64 here). The `reorder` rows of smallest (value, row) go to `rerank_topk`'s exact distance;
+    reorder >= k; 'cosine' is refused (normalise the rows, use 'ip'). Returns (rows [Q, k], dist [Q, k],
+    n_candidates [Q]). n_threads is unused."""
+    for a, name, dt, nd in ((queries, "queries", np.float32, 2), (base, "base", np.float32, 2),
+                            (codes, "codes", np.uint8, 2), (lo, "lo", np.float32, 1), (scale, "scale", np.float32, 1),
+                            (row_offsets, "row_offsets", np.int32, 1), (leaves, "leaves", np.int32, 2),
+                            (lens, "lens", np.int32, 2)):
+        check_array(a, name, dt, nd)
+    Q, d = queries.shape
+    check_axis(base, "base", 1, d, "queries' dimension")
+    check_axis(codes, "codes", 0, base.shape[0], "one row per base row")
+    check_axis(lo, "lo", 0, d, "queries' dimension")
+    check_axis(scale, "scale", 0, d, "queries' dimension")
+    if codes.shape[1] < d or codes.shape[1] % 32:
+        raise ValueError(f"codes: rows of {codes.shape[1]} bytes: need a multiple of 32, >= d")
+    if codes.shape[1] > 131072:
+        raise ValueError("codes: rows of more than 131072 bytes (the int32 dot products could overflow)")
+    check_options(k=k, metric=metric, n_threads=n_threads)
+    if metric == "cosine":
+        raise ValueError("metric: 'cosine' has no 8-bit form: normalise the rows and use 'ip'")
+    if reorder < k:
+        raise ValueError(f"reorder: must be in [k, 2^31 - 1], got {reorder}")
+    if (row_terms is None) == (metric == "l2"):
+        raise ValueError("row_terms: required for l2 (sq8.row_terms)" if row_terms is None else "row_terms: only for l2")
+    w = (queries - lo) * scale if metric == "l2" else queries * scale
+    amax = np.abs(w).max(1, keepdims=True)
+    beta = np.where(amax > 0, amax / np.float32(63), np.float32(1)).astype(np.float32)
+    w8 = np.clip(np.rint(w / beta), -63, 63).astype(np.int64)
+    factor = (2 * beta[:, 0] if metric == "l2" else beta[:, 0]).astype(np.float32)
+    best = np.full((Q, reorder), -1, np.int32)
+    n_cand = np.zeros(Q, np.int32)
+    for q in range(Q):
+        rows = np.concatenate([np.arange(row_offsets[b], row_offsets[b] + n, dtype=np.int32)
+                               for b, n in zip(leaves[q], lens[q]) if b >= 0] or [np.zeros(0, np.int32)])
+        n_cand[q] = len(rows)
+        dot = (codes[rows, :d].astype(np.int64) @ w8[q]).astype(np.float32)
+        value = row_terms[rows] - factor[q] * dot if metric == "l2" else -(factor[q] * dot)
+        top = _rank(value, rows, descending=False)[:reorder]
+        best[q, :len(top)] = rows[top]
     ids, dist, _ = rerank_topk(queries, base, best, k, metric)
     return ids, dist, n_cand
 
