@@ -157,11 +157,11 @@ def lmi_sq8(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("lmi_sq8"))
     config = load_config("configs/lmi.py:tiny", **{"index.sq8": True})
     train_and_evaluate(config, wd, progress=False)
-    return jaxidx.load(wd), jaxidx.data.load(config.data)
+    return jaxidx.load(wd), jaxidx.data.load(config.data), wd
 
 
 def test_lmi_sq8_search_close_to_float_search(lmi_sq8, tmp_path):
-    index, data = lmi_sq8
+    index, data, _ = lmi_sq8
     assert index.arrays["sq8_codes"].shape == (data.n_items, 32)
     exact_ids, exact_d = index.search(data.queries, 10, n_probe=4)
     ids, d = index.search(data.queries, 10, n_probe=4, reorder=10_000, codes="sq8")  # every candidate re-ranked
@@ -174,7 +174,7 @@ def test_lmi_sq8_search_close_to_float_search(lmi_sq8, tmp_path):
 
 
 def test_lmi_sq8_add_remove_and_errors(lmi_sq8, tmp_path):
-    index, data = lmi_sq8
+    index, data, _ = lmi_sq8
     index = jaxidx.load(index.save(str(tmp_path / "a")))  # a copy: the module's index stays as trained
     new = data.base[:5] + 0.01
     new_ids = index.add(new)
@@ -217,3 +217,20 @@ def test_sq8_config_checks():
         config.search.settings = [{"n_probe": 2, "reorder": 20, "codes": "int4"}]
     with pytest.raises(ValueError, match="codes='int4'"):
         validate_config(config, data)
+
+
+def test_bench_ann_sq8_sweep(lmi_sq8, tmp_path):
+    """launch/bench_ann.py --sq8=1: the run's float-row settings searched again on 8-bit codes at each
+    --sq8_reorder, beside faiss IVF-Flat; a re-rank of every candidate gives the float search's recall."""
+    import json
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, os.path.join(repo, "launch", "bench_ann.py"), f"--workdir={lmi_sq8[2]}",
+                          "--sq8=1", "--sq8_reorder=20,1000", '--settings=[{"n_probe": 4}]', "--nohnsw",
+                          "--nprobe=2,4", f"--out={out}"],
+                         cwd=repo, env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {(r["setting"].get("codes"), r["setting"].get("reorder")): r for r in json.load(open(out))["rows"]
+            if r["method"].startswith("lmi (B 16, sq8")}
+    assert set(rows) == {(None, None), ("sq8", 20), ("sq8", 1000)}
+    assert rows["sq8", 1000]["recall@10"] == rows[None, None]["recall@10"] > 0.8
