@@ -25,10 +25,8 @@
 // slots of several leaves (IRLI: one leaf per repetition and bucket), every copy with the same codes. A
 // row is offered to the top once per query (a stamp per row), so the result is that of scoring each
 // distinct probed row once; n_candidates counts the slots scanned.
-#include <functional>
 
-#include "reservoir.h"
-#include "scan.h"
+#include "code_scan.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -351,18 +349,13 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                      const py::object& block_offsets_o, const py::object& leaves_o, const py::object& lens_o,
                      const py::object& reorder_o, const py::object& k_o, const py::object& metric_o,
                      const py::object& n_threads, const py::object& row_terms_o, const py::object& row_ids_o) {
-    py::array q_a = require_array<float>(queries_o, "queries", 2);
-    py::array x_a = require_array<float>(base_o, "base", 2);
+    const LeafScanArgs a(queries_o, base_o, row_offsets_o, leaves_o, lens_o, reorder_o, k_o, metric_o, n_threads);
+    const int64_t Q = a.Q, d = a.d, N = a.N, L = a.L, P = a.P, k = a.k, reorder = a.reorder;
+    const int metric = a.metric;
     py::array c_a = require_array<uint8_t>(codes_o, "codes", 3);
     py::array cb_a = require_array<float>(codebooks_o, "codebooks", 3);
-    py::array ro_a = require_array<int32_t>(row_offsets_o, "row_offsets", 1);
     py::array bo_a = require_array<int32_t>(block_offsets_o, "block_offsets", 1);
-    py::array lv_a = require_array<int32_t>(leaves_o, "leaves", 2);
-    py::array ln_a = require_array<int32_t>(lens_o, "lens", 2);
-    const int64_t Q = q_a.shape(0), d = q_a.shape(1), N = x_a.shape(0), L = ro_a.shape(0) - 1;
-    const int64_t M = cb_a.shape(0), dsub = cb_a.shape(2), M2 = (M + 1) / 2, P = lv_a.shape(1);
-    require_shape(x_a, "base", 1, d, "queries' dimension");
-    if (N > INT32_MAX) fail("base", "more than 2^31 - 1 rows");
+    const int64_t M = cb_a.shape(0), dsub = cb_a.shape(2), M2 = (M + 1) / 2;
     require_shape(cb_a, "codebooks", 1, kCentroids, "16 centroids per sub-space (4-bit codes)");
     if (M < 1 || dsub < 1 || M * dsub < d || (M - 1) * dsub >= d) {
         fail("codebooks", "shape [M, 16, dsub] must cover the " + std::to_string(d) + " dimensions with M = ceil(d / dsub)");
@@ -370,11 +363,7 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
     if (M > 65000) fail("codebooks", "more than 65000 sub-spaces");
     require_shape(c_a, "codes", 1, M2, "ceil(M / 2) sub-space pairs");
     require_shape(c_a, "codes", 2, kBlockRows, "32 rows per block");
-    if (L < 1) fail("row_offsets", "needs at least 2 entries (one leaf)");
     require_shape(bo_a, "block_offsets", 0, L + 1, "one entry per row_offsets entry");
-    require_shape(lv_a, "leaves", 0, Q, "one row per query");
-    require_shape(ln_a, "lens", 0, Q, "one row per query");
-    require_shape(ln_a, "lens", 1, P, "one length per probed leaf");
     const float* centres = nullptr;
     if (!centres_o.is_none()) {
         py::array ce_a = require_array<float>(centres_o, "centres", 2);
@@ -397,27 +386,18 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
         n_slots = ri_a.shape(0);
         if (n_slots > kInt32Max) fail("row_ids", "more than 2^31 - 1 slots");
     }
-    const int64_t k = require_k(k_o);
-    const int64_t reorder = require_int(reorder_o, "reorder", k, kInt32Max, "must be in [k, 2^31 - 1]");
-    const int metric = require_metric(metric_o);
     if (row_terms && (metric != kL2 || !centres)) fail("row_terms", "only for l2 with residual codes (centres given)");
     if (!row_terms && metric == kL2 && centres) fail("row_terms", "required for l2 with residual codes (pq4.row_terms)");
-    const int threads = resolve_threads(require_threads(n_threads), Q);
-    const int32_t* rows = data_of<int32_t>(ro_a);
+    const int32_t* rows = data_of<int32_t>(a.row_offsets);
     const int32_t* blocks = data_of<int32_t>(bo_a);
-    const int32_t* leaves = data_of<int32_t>(lv_a);
-    const int32_t* lens = data_of<int32_t>(ln_a);
+    const int32_t* leaves = data_of<int32_t>(a.leaves);
+    const int32_t* lens = data_of<int32_t>(a.lens);
     const int64_t n_blocks = c_a.shape(0);
-    const float* qs = data_of<float>(q_a);
-    const float* base = data_of<float>(x_a);
+    const float* qs = data_of<float>(a.queries);
+    const float* base = data_of<float>(a.base);
     const uint8_t* codes = data_of<uint8_t>(c_a);
     const float* codebooks = data_of<float>(cb_a);
-
-    py::array_t<int32_t> ids_o({Q, k}), ncand_o(Q);
-    py::array_t<float> dist_o({Q, k});
-    int32_t* out_ids = ids_o.mutable_data();
-    int32_t* out_ncand = ncand_o.mutable_data();
-    float* out_dist = dist_o.mutable_data();
+    NearestOutputs out(Q, k);
     {
         py::gil_scoped_release release;
         check_leaf_offsets(rows, L, n_slots, row_ids ? "row_ids entries" : "base rows");
@@ -449,7 +429,7 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                 for (int64_t i = 0; i < dsub; ++i) cbt[(m * dsub + i) * kCentroids + j] = codebooks[(m * kCentroids + j) * dsub + i];
             }
         }
-        parallel_for(Q, threads, 16, [&](int, int64_t q0, int64_t q1) {
+        parallel_for(Q, a.threads, 16, [&](int, int64_t q0, int64_t q1) {
             std::vector<float> lut(static_cast<size_t>(M * kCentroids)), t(static_cast<size_t>(M * dsub), 0.0f);
             QuantTable table;
             Reservoir approx;
@@ -480,12 +460,12 @@ py::tuple pq4_search(const py::object& queries_o, const py::object& base_o, cons
                 approx.rows(best);  // the exact top-k does not depend on the order (ties by row)
                 exact.reset(static_cast<size_t>(k));
                 scanner.scan(qv, base, best.data(), static_cast<int64_t>(best.size()), exact);
-                write_nearest(exact, q, k, out_ids, out_dist);
-                out_ncand[q] = static_cast<int32_t>(std::min<int64_t>(n_cand, kInt32Max));
+                write_nearest(exact, q, k, out.ids_out, out.dist_out);
+                out.n_cand_out[q] = static_cast<int32_t>(std::min<int64_t>(n_cand, kInt32Max));
             }
         });
     }
-    return py::make_tuple(ids_o, dist_o, ncand_o);
+    return out.tuple();
 }
 
 }  // namespace jaxidx

@@ -9,8 +9,7 @@
 // (the terms that depend on the query alone are dropped: they do not change its ranking). w8 . u is an
 // exact integer on every path, so the values are the same bits everywhere: AVX-512 VNNI (vpdpbusd on 256 bits),
 // AVX2 (maddubs: 2 x 255 x 63 < 2^15, no saturation) or portable. See reference.sq8_search.
-#include "reservoir.h"
-#include "scan.h"
+#include "code_scan.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -125,30 +124,18 @@ py::tuple sq8_search(const py::object& queries_o, const py::object& base_o, cons
                      const py::object& row_offsets_o, const py::object& leaves_o, const py::object& lens_o,
                      const py::object& reorder_o, const py::object& k_o, const py::object& metric_o,
                      const py::object& n_threads) {
-    py::array q_a = require_array<float>(queries_o, "queries", 2);
-    py::array x_a = require_array<float>(base_o, "base", 2);
+    const LeafScanArgs a(queries_o, base_o, row_offsets_o, leaves_o, lens_o, reorder_o, k_o, metric_o, n_threads);
+    const int64_t Q = a.Q, d = a.d, N = a.N, L = a.L, P = a.P, k = a.k, reorder = a.reorder;
+    const int metric = a.metric;
     py::array c_a = require_array<uint8_t>(codes_o, "codes", 2);
     py::array lo_a = require_array<float>(lo_o, "lo", 1);
     py::array sc_a = require_array<float>(scale_o, "scale", 1);
-    py::array ro_a = require_array<int32_t>(row_offsets_o, "row_offsets", 1);
-    py::array lv_a = require_array<int32_t>(leaves_o, "leaves", 2);
-    py::array ln_a = require_array<int32_t>(lens_o, "lens", 2);
-    const int64_t Q = q_a.shape(0), d = q_a.shape(1), N = x_a.shape(0), L = ro_a.shape(0) - 1, P = lv_a.shape(1);
     const int64_t dpad = c_a.shape(1);
-    require_shape(x_a, "base", 1, d, "queries' dimension");
-    if (N > INT32_MAX) fail("base", "more than 2^31 - 1 rows");
     require_shape(c_a, "codes", 0, N, "one row per base row");
     if (dpad < d || dpad % kPad) fail("codes", "rows of " + std::to_string(dpad) + " bytes: need a multiple of 32, >= d");
     if (dpad > kMaxBytes) fail("codes", "rows of more than 131072 bytes (the int32 dot products could overflow)");
     require_shape(lo_a, "lo", 0, d, "queries' dimension");
     require_shape(sc_a, "scale", 0, d, "queries' dimension");
-    if (L < 1) fail("row_offsets", "needs at least 2 entries (one leaf)");
-    require_shape(lv_a, "leaves", 0, Q, "one row per query");
-    require_shape(ln_a, "lens", 0, Q, "one row per query");
-    require_shape(ln_a, "lens", 1, P, "one length per probed leaf");
-    const int64_t k = require_k(k_o);
-    const int64_t reorder = require_int(reorder_o, "reorder", k, kInt32Max, "must be in [k, 2^31 - 1]");
-    const int metric = require_metric(metric_o);
     if (metric == kCosine) fail("metric", "'cosine' has no 8-bit form: normalise the rows and use 'ip'");
     const float* terms = nullptr;
     if (!row_terms_o.is_none()) {
@@ -159,21 +146,15 @@ py::tuple sq8_search(const py::object& queries_o, const py::object& base_o, cons
     } else if (metric == kL2) {
         fail("row_terms", "required for l2 (sq8.row_terms)");
     }
-    const int threads = resolve_threads(require_threads(n_threads), Q);
-    const int32_t* rows = data_of<int32_t>(ro_a);
-    const int32_t* leaves = data_of<int32_t>(lv_a);
-    const int32_t* lens = data_of<int32_t>(ln_a);
-    const float* qs = data_of<float>(q_a);
-    const float* base = data_of<float>(x_a);
+    const int32_t* rows = data_of<int32_t>(a.row_offsets);
+    const int32_t* leaves = data_of<int32_t>(a.leaves);
+    const int32_t* lens = data_of<int32_t>(a.lens);
+    const float* qs = data_of<float>(a.queries);
+    const float* base = data_of<float>(a.base);
     const uint8_t* codes = data_of<uint8_t>(c_a);
     const float* lo = data_of<float>(lo_a);
     const float* scale = data_of<float>(sc_a);
-
-    py::array_t<int32_t> ids_o({Q, k}), ncand_o(Q);
-    py::array_t<float> dist_o({Q, k});
-    int32_t* out_ids = ids_o.mutable_data();
-    int32_t* out_ncand = ncand_o.mutable_data();
-    float* out_dist = dist_o.mutable_data();
+    NearestOutputs out(Q, k);
     {
         py::gil_scoped_release release;
         check_leaf_offsets(rows, L, N, "base rows");
@@ -181,7 +162,7 @@ py::tuple sq8_search(const py::object& queries_o, const py::object& base_o, cons
         const RunScanFn scan_run = pick_run_scan();
         // Leaf-major within each thread's queries (as rerank_topk's runs): a leaf's codes are read once for
         // every query of the range that probes it, while they are in cache.
-        parallel_for(Q, threads, (Q + threads - 1) / threads, [&](int, int64_t q0, int64_t q1) {
+        parallel_for(Q, a.threads, (Q + a.threads - 1) / a.threads, [&](int, int64_t q0, int64_t q1) {
             const int64_t nq = q1 - q0;
             std::vector<int8_t> w8(static_cast<size_t>(nq * dpad), 0);
             std::vector<float> w(static_cast<size_t>(d)), beta2(static_cast<size_t>(nq));
@@ -197,7 +178,7 @@ py::tuple sq8_search(const py::object& queries_o, const py::object& base_o, cons
                     probes.emplace_back(b, static_cast<int32_t>(i));
                     n_cand += n;
                 }
-                out_ncand[q0 + i] = static_cast<int32_t>(std::min<int64_t>(n_cand, kInt32Max));
+                out.n_cand_out[q0 + i] = static_cast<int32_t>(std::min<int64_t>(n_cand, kInt32Max));
             }
             std::sort(probes.begin(), probes.end());
             for (const auto& [b, i] : probes) {
@@ -214,11 +195,11 @@ py::tuple sq8_search(const py::object& queries_o, const py::object& base_o, cons
                 approx[i].rows(best);  // the exact top-k does not depend on the order (ties by row)
                 exact.reset(static_cast<size_t>(k));
                 scanner.scan(qs + (q0 + i) * d, base, best.data(), static_cast<int64_t>(best.size()), exact);
-                write_nearest(exact, q0 + i, k, out_ids, out_dist);
+                write_nearest(exact, q0 + i, k, out.ids_out, out.dist_out);
             }
         });
     }
-    return py::make_tuple(ids_o, dist_o, ncand_o);
+    return out.tuple();
 }
 
 }  // namespace jaxidx

@@ -1,11 +1,55 @@
-// Reservoir: the approximate top of a code scan (pq4_search, sq8_search), the candidates of its exact re-rank.
+// What the code scans (pq4_search, sq8_search) share: their common arguments, checked; the reservoir of a
+// query's approximate top (the candidates of its exact re-rank); and their outputs.
 #pragma once
 
 #include <functional>
 
-#include "common.h"
+#include "scan.h"
 
 namespace jaxidx {
+
+// Queries [Q, d] and base rows [N, d] (float32), leaf offsets [L + 1] into the rows, the probed leaves and
+// the rows read of each [Q, P] (int32), k, reorder in [k, 2^31 - 1], metric and n_threads: each checked,
+// a bad one raising ValueError naming it (the offsets' and probes' values: check_leaf_offsets, check_probes).
+struct LeafScanArgs {
+    py::array queries, base, row_offsets, leaves, lens;
+    int64_t Q, d, N, L, P, k, reorder;
+    int metric, threads;
+    LeafScanArgs(const py::object& queries_o, const py::object& base_o, const py::object& row_offsets_o,
+                 const py::object& leaves_o, const py::object& lens_o, const py::object& reorder_o,
+                 const py::object& k_o, const py::object& metric_o, const py::object& n_threads)
+        : queries(require_array<float>(queries_o, "queries", 2)),
+          base(require_array<float>(base_o, "base", 2)),
+          row_offsets(require_array<int32_t>(row_offsets_o, "row_offsets", 1)),
+          leaves(require_array<int32_t>(leaves_o, "leaves", 2)),
+          lens(require_array<int32_t>(lens_o, "lens", 2)),
+          Q(queries.shape(0)), d(queries.shape(1)), N(base.shape(0)), L(row_offsets.shape(0) - 1),
+          P(leaves.shape(1)) {
+        require_shape(base, "base", 1, d, "queries' dimension");
+        if (N > INT32_MAX) fail("base", "more than 2^31 - 1 rows");
+        if (L < 1) fail("row_offsets", "needs at least 2 entries (one leaf)");
+        require_shape(leaves, "leaves", 0, Q, "one row per query");
+        require_shape(lens, "lens", 0, Q, "one row per query");
+        require_shape(lens, "lens", 1, P, "one length per probed leaf");
+        k = require_k(k_o);
+        reorder = require_int(reorder_o, "reorder", k, kInt32Max, "must be in [k, 2^31 - 1]");
+        metric = require_metric(metric_o);
+        threads = resolve_threads(require_threads(n_threads), Q);
+    }
+};
+
+// A code scan's results: rows and exact distances [Q, k] (write_nearest) and the candidates scored [Q].
+struct NearestOutputs {
+    py::array_t<int32_t> ids, n_cand;
+    py::array_t<float> dist;
+    int32_t* ids_out;
+    float* dist_out;
+    int32_t* n_cand_out;
+    NearestOutputs(int64_t Q, int64_t k)
+        : ids({Q, k}), n_cand(Q), dist({Q, k}), ids_out(ids.mutable_data()), dist_out(dist.mutable_data()),
+          n_cand_out(n_cand.mutable_data()) {}
+    py::tuple tuple() const { return py::make_tuple(ids, dist, n_cand); }
+};
 
 // Moves the n largest of a[0..len) (distinct keys, n <= len) to a[0..n), in any order: quickselect with
 // a median-of-three pivot and a branch-free partition (std::nth_element's branches mispredict on every
