@@ -66,12 +66,17 @@ def keep(arrays: dict, rows: np.ndarray) -> None:
 CODES = ("pq4", "sq8")  # a setting's `codes`: which codes `reorder` > 0 scans
 
 
+def codes_of(setting: dict, where: str = "search") -> str:
+    """A search setting's `codes` (default 'pq4'), checked against CODES (`where` names it in the error)."""
+    codes = setting.get("codes", "pq4")
+    if codes not in CODES:
+        raise ValueError(f"{where}: codes={codes!r} must be one of {', '.join(CODES)}")
+    return codes
+
+
 def check_config(config) -> None:
     """`index.sq8` (store 8-bit codes) and the search settings' `codes` ('sq8' needs them)."""
     held = bool(config.get("index", {}).get("sq8", False))  # absent from configs saved before 8-bit codes
     for s in config.search.settings:
-        codes = s.get("codes", "pq4")
-        if codes not in CODES:
-            raise ValueError(f"search.settings: codes={codes!r} must be one of {', '.join(CODES)}")
-        if codes == "sq8" and not held:
+        if codes_of(s, "search.settings") == "sq8" and not held:
             raise ValueError("search.settings: codes='sq8' scans 8-bit codes; set index.sq8=True")

@@ -464,12 +464,11 @@ class LMIIndex(Index):
             raise ValueError(f"search: max_candidates={budget!r} must be an integer >= 0 (0 = no budget)")
         if setting.get("route", "learned") not in self.ROUTES:
             raise ValueError(f"search: route={setting['route']!r} must be one of {', '.join(self.ROUTES)}")
-        codes = setting.get("codes", "pq4")
-        if codes not in sq8.CODES:
-            raise ValueError(f"search: codes={codes!r} must be one of {', '.join(sq8.CODES)}")
-        pq4.check_reorder(setting, *((self.quantized,) if codes == "pq4" else
-                                     ("sq8_codes" in self.arrays, "call index.quantize_sq8() (or train with "
-                                      "--config.index.sq8=True)")))
+        if sq8.codes_of(setting) == "sq8":
+            pq4.check_reorder(setting, "sq8_codes" in self.arrays,
+                              "call index.quantize_sq8() (or train with --config.index.sq8=True)")
+        else:
+            pq4.check_reorder(setting, self.quantized)
 
     def _prepare(self, queries, what: str = "queries") -> np.ndarray:
         x = dense_rows(queries, self.dim, what)
