@@ -24,6 +24,9 @@ def _irli(data: str) -> ml_collections.ConfigDict:
     c.model.loss = "softmax"    # 'softmax' (CE on normalised targets) or 'bce' (the original per-bucket
                                 # sigmoid); softmax measured better on GloVe and XMC (BENCHMARKS.md)
     c.partition = ml_collections.ConfigDict()
+    c.partition.init = "hash"           # the start: 'hash' (the paper's) or, ANN, 'kmeans' (per repetition)
+    c.partition.kmeans_iter = 10        # with init 'kmeans': Lloyd iterations
+    c.partition.kmeans_points_per_bucket = 256  # with init 'kmeans': fitted on a sample of this x B points
     c.partition.top_k = 2               # K candidate buckets per item in the load-balanced pass
     c.partition.repartition_every = 5   # epochs; 0 = never
     c.partition.final_repartition = False  # also re-partition after the last epoch
@@ -119,17 +122,32 @@ def scaling_ann(n_base: int, epochs: int = 8, n_queries: int = 1000):
     return c
 
 
+def repetition_sweep(n_reps: int, probes: list[int]) -> list[dict]:
+    """ANN search settings over m in `probes`, on the float rows (min_count 1, 2) and on the codes (reorder
+    30, 100, 300), for all R repetitions (first, without `reps`, so that a setting a user passes inherits
+    none) and for the first 1 and 2 (`reps`): where a bucket scan costs little beside R routers and
+    merging R x m buckets, fewer repetitions are faster at equal recall (the sweep measures it per data)."""
+    out = []
+    for reps in sorted({n_reps, 2, 1} & set(range(1, n_reps + 1)), key=lambda r: r != n_reps):
+        tag = {} if reps == n_reps else {"reps": reps}
+        out += [{"m": m, "min_count": mc, **tag} for m in probes for mc in (1, 2) if mc <= reps]
+        out += [{"m": m, "reorder": r, **tag} for m in probes for r in (30, 100, 300)]
+    return out
+
+
 def auto(data) -> ml_collections.ConfigDict:
     """Sized from the data (`jaxidx.fit("irli", data)`), by rules that follow its sizes only.
 
     ANN (N vectors of d): B = the power of two near sqrt(N) (2..4096), R 4, hidden the power of two near
     max(d, B) within 64..256, trained on at most 50K sampled points, fewer past N = 500K so that their
     exact neighbours (O(sample x N)) stay under 2.5e10 distances (at least 20K points), for 8 epochs,
-    re-partitioned every 2 (every 4 past N = 500K: each pass routes all N items) with bucket centres from
-    64K items, loads capped at 1.5x the mean; a 4-bit PQ code per vector with the dims per sub-space
-    `pq4.choose_dims` picks from a simulated search; m swept in steps of at most 1.5x (`probe_sweep`, as
-    IVF's nprobe) up to min(32, B / 2), each on the float rows with min_count 1 and 2, and on the codes
-    with reorder 30, 100 and 300 (codes of the vectors, not residuals: coarser than LMI's, so one more step).
+    each repetition started from its own k-means (256 B points, 10 iterations) and re-partitioned every 2
+    epochs (every 4 past N = 500K: each pass routes all N items) to its router's first choice (top_k 1)
+    with bucket centres from 64K items, loads capped at 1.5x the mean; a 4-bit PQ code per vector with the
+    dims per sub-space `pq4.choose_dims` picks from a simulated search; m swept in steps of at most 1.5x
+    (`probe_sweep`, as IVF's nprobe) up to min(32, B / 2), each on the float rows with min_count 1 and 2,
+    and on the codes with reorder 30, 100 and 300 (codes of the vectors, not residuals: coarser than
+    LMI's, so one more step), searching all 4 repetitions or the first 1 or 2 (`repetition_sweep`).
     XMC (L labels, D features): B = the power of two near 2 sqrt(L) (the scaling rule: routing R H B
     against candidates R m L / B), R 16 below 10K labels else 8, K 4 up to 64 buckets else 10, hidden
     512 for dense inputs (D <= 4096) else 256, 20 epochs re-partitioned every 5; m swept, MACH up to 100K labels.
@@ -143,11 +161,12 @@ def auto(data) -> ml_collections.ConfigDict:
         c.train.update(epochs=8, batch_size=min(512, max(64, pow2_near(train / 100))),
                        max_train_points=train if train < n else 0)
         # Each re-partition routes all N items through the R networks (about 50 s at N = 1M on 2 cores).
-        c.partition.update(repartition_every=2 if n <= 500000 else 4, center_sample=65536)
+        # Each repetition starts from its own k-means, and an item then follows its router's first choice
+        # unless that bucket is full (top_k 1: the 1.5x cap balances; K = 2's least-filled-of-two spreads
+        # every cluster of the start over two buckets).
+        c.partition.update(repartition_every=2 if n <= 500000 else 4, center_sample=65536, init="kmeans", top_k=1)
         c.index.pq4_dims = -1
-        probes = probe_sweep(max(1, min(32, B // 2)))
-        c.search.settings = ([{"m": m, "min_count": mc} for m in probes for mc in (1, 2)]
-                             + [{"m": m, "reorder": r} for m in probes for r in (30, 100, 300)])
+        c.search.settings = repetition_sweep(4, probe_sweep(max(1, min(32, B // 2))))
     else:
         L = data.n_labels
         B = max(2, pow2_near(2 * math.sqrt(L)))

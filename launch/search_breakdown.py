@@ -30,7 +30,7 @@ from jaxidx.search import host  # noqa: E402
 
 flags.DEFINE_string("index", None, "A saved LMI or IRLI index or training run directory.", required=True)
 flags.DEFINE_string("data", None, "The data spec whose queries are searched.", required=True)
-flags.DEFINE_string("setting", '{"n_probe": 1}', "The search setting, JSON (LMI: n_probe; IRLI: m, min_count).")
+flags.DEFINE_string("setting", '{"n_probe": 1}', "The search setting, JSON (LMI: n_probe; IRLI: m, min_count, reps).")
 flags.DEFINE_integer("threads", 1, "Cores used (pinned before JAX starts).")
 flags.DEFINE_integer("quantize", 0, "> 0: give the LMI index 4-bit PQ codes of this many dims per sub-space first.")
 FLAGS = flags.FLAGS
@@ -72,13 +72,13 @@ def lmi_parts(index, prepared, setting: dict):
 
 def irli_parts(index, prepared, setting: dict):
     """(timed parts, the parts search runs, candidates per query) of an IRLI search."""
-    m, mc = setting["m"], setting.get("min_count", 1)
-    ids, _ = index.route(prepared, m)
-    off, mem, vectors = index.arrays["offsets"], index.arrays["members"], index.arrays["vectors"]
+    m, mc, reps = setting["m"], setting.get("min_count", 1), setting.get("reps", index.n_reps)
+    ids, _ = index.route(prepared, m, reps)
+    off, mem, vectors = index.arrays["offsets"][:reps], index.arrays["members"][:reps], index.arrays["vectors"]
     metric, n = kernel_metric(index.metric), len(prepared)
     cand = host.merge_candidates(ids, off, mem, mc, 10, len(vectors), 1)
     parts = {
-        "routing": us_per_query(lambda: index.route(prepared, m), n),
+        "routing": us_per_query(lambda: index.route(prepared, m, reps), n),
         "merge + re-rank, fused": us_per_query(
             lambda: host.merge_rerank_topk(prepared, vectors, ids, off, mem, 10, mc, metric, 1), n),
         "merge_candidates": us_per_query(lambda: host.merge_candidates(ids, off, mem, mc, 10, len(vectors), 1), n),

@@ -17,14 +17,15 @@ from jaxidx.search.sharded import ShardedLayout, runs_to_rows
 
 LMI_SETTINGS = [{"n_probe": 1}, {"n_probe": 5}, {"n_probe": 5, "max_candidates": 300},
                 {"n_probe": 3, "route": "centroids"}]
-IRLI_SETTINGS = [{"m": 1, "min_count": 1}, {"m": 4, "min_count": 2}, {"m": 3}]
+IRLI_SETTINGS = [{"m": 1, "min_count": 1}, {"m": 4, "min_count": 2}, {"m": 3}, {"m": 3, "reps": 1}]
 SPEC = "synthetic-ann:n=3000,q=100,d=13,clusters=30,metric={},seed=4"
 XMC_SPEC = "synthetic-xmc:n=800,test=60,features=300,labels=400,seed=1"
 CASES = {  # name: (preset, data spec, settings, overrides) of the indexes that shard
     "lmi-euclidean": ("lmi:tiny", SPEC.format("euclidean"), LMI_SETTINGS, {"kmeans__balance": 2.0}),
     "lmi-angular": ("lmi:tiny", SPEC.format("angular"), LMI_SETTINGS, {"kmeans__balance": 2.0}),
     "irli-euclidean": ("irli:tiny", SPEC.format("euclidean"), IRLI_SETTINGS, {"train__epochs": 2}),
-    "irli-xmc": ("irli:tiny-xmc", XMC_SPEC, [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}], {"train__epochs": 2}),
+    "irli-xmc": ("irli:tiny-xmc", XMC_SPEC, [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2},
+                                                {"m": 4, "min_count": 2, "reps": 2}], {"train__epochs": 2}),
     "elias": ("elias:tiny", XMC_SPEC, [{}, {"beam": 2, "shortlist": 5}, {"beam": 8, "shortlist": 100}], {}),
 }
 

@@ -63,6 +63,68 @@ def test_repartition_balances_and_follows_router(ann_run):
     assert bucket_stats(Partition.from_assignment(new, config.model.n_buckets).sizes())["max_over_mean"] < 2.0
 
 
+def test_search_of_the_first_repetitions(ann_run):
+    """reps searches the first reps partitions with their networks alone: all R is the default; one
+    repetition at min_count 1 is the exact search of the union of its m routed buckets (a repetition
+    holds every item once); bad values name the field."""
+    import jaxidx
+    from jaxidx.index import kernel_metric
+    from jaxidx.search import host
+    wd, config, _ = ann_run
+    index, data = jaxidx.load(wd), load(config.data)
+    for got, want in zip(index.search(data.queries, 10, m=2, min_count=2, reps=2),
+                         index.search(data.queries, 10, m=2, min_count=2)):
+        np.testing.assert_array_equal(got, want)
+    q = index._prepare(data.queries)
+    buckets, probs = index.route(q, 3, reps=1)
+    all_buckets, all_probs = index.route(q, 3)
+    np.testing.assert_array_equal(buckets, all_buckets[:, :1])
+    np.testing.assert_allclose(probs, all_probs[:, :1], rtol=1e-5)  # one network: another matmul shape
+    res = index.query(q, index.resolve_setting({"m": 3, "reps": 1}), 10)
+    off, members = index.arrays["offsets"][0], index.arrays["members"][0]
+    cands = [np.concatenate([members[off[b]:off[b + 1]] for b in row]) for row in buckets[:, 0]]
+    np.testing.assert_array_equal(res.n_candidates, [len(c) for c in cands])
+    cand_offsets = np.concatenate([[0], np.cumsum([len(c) for c in cands])]).astype(np.int64)
+    rows, dist, _ = host.rerank_topk(q, index.arrays["vectors"], (cand_offsets, np.concatenate(cands).astype(np.int32)),
+                                     10, kernel_metric(index.metric))
+    np.testing.assert_array_equal(res.ids, index.arrays["ids"][rows])
+    np.testing.assert_allclose(res.scores, dist, rtol=1e-6)  # the fused kernel sums in another order
+    for setting, match in [({"m": 2, "reps": 3}, r"reps=3 must be an integer in \[1, 2\]"),
+                           ({"m": 2, "reps": 0}, r"reps=0 must be an integer in \[1, 2\]"),
+                           ({"m": 2, "min_count": 2, "reps": 1}, r"min_count=2 must be an integer in \[1, 1\]")]:
+        with pytest.raises(ValueError, match=match):
+            index.search(data.queries, 10, **setting)
+    from jaxidx.methods.irli import validate_config
+    for setting, match in [({"m": 2, "reps": 3}, r"reps=3 must be in \[1, model.n_reps=2\]"),
+                           ({"m": 2, "min_count": 2, "reps": 1}, r"min_count=2 must be in \[1, reps=1\]")]:
+        with pytest.raises(ValueError, match=match):
+            validate_config(load_config("configs/irli.py:tiny", **{"search.settings": [setting]}), 3000)
+
+
+def test_kmeans_start_puts_neighbours_together_per_repetition():
+    """partition.init='kmeans': every repetition starts from its own capped k-means of the base (in the
+    routers' standardised space), so a point and its nearest neighbour mostly share a bucket, where the
+    hashed start separates them; the loads respect the cap; XMC and unknown values are refused."""
+    from jaxidx.data import knn_labels
+    spec = "synthetic-ann:n=2000,q=10,d=8,clusters=40,metric=euclidean,seed=2,scale=100,offset=128"
+    config = load_config("configs/irli.py:tiny", data=spec, **{"partition.init": "kmeans", "model.n_reps": 3})
+    method, data, _ = build(config)
+    assign = method._initial_assignment()
+    hashed = build(load_config("configs/irli.py:tiny", data=spec, **{"model.n_reps": 3}))[0]._initial_assignment()
+    assert assign.shape == hashed.shape == (3, 2000) and assign.dtype == np.int32
+    nearest = knn_labels(data.base[:500], data.base, 1, "euclidean", exclude_ids=np.arange(500)).indices
+    together = (assign[:, :500] == assign[:, nearest]).mean(1)
+    assert together.min() > 0.8 and (hashed[:, :500] == hashed[:, nearest]).mean() < 0.2
+    assert np.bincount(assign.ravel() + 16 * np.repeat(np.arange(3), 2000)).max() <= np.ceil(1.5 * 2000 / 16)
+    assert (assign[0] != assign[1]).any()  # each repetition its own seed
+    params, aux = method.init(jax.random.key(0))
+    np.testing.assert_array_equal(aux["assign"], assign)
+    with pytest.raises(ValueError, match="partition.init: unknown 'tree'"):
+        build(load_config("configs/irli.py:tiny", **{"partition.init": "tree"}))
+    with pytest.raises(ValueError, match="partition.init: 'kmeans' clusters base vectors"):
+        build(load_config("configs/irli.py:tiny-xmc", **{"partition.init": "kmeans"}))
+
+
 def test_metrics_and_checkpoints_written(ann_run):
     wd, _, out = ann_run
     from jaxidx.train.metrics_log import read_metrics

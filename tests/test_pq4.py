@@ -477,6 +477,10 @@ def test_irli_quantized_search_close_to_float_search(irli_index, tmp_path):
     np.testing.assert_array_equal(res.n_candidates, np.take_along_axis(sizes[None], buckets, 2).sum((1, 2)))
     again = jaxidx.load(index.save(str(tmp_path / "saved")))
     np.testing.assert_array_equal(again.search(data.queries, 10, m=3, reorder=80)[0], ids)
+    # The first repetition alone: its m buckets' slots, and all of them re-ranked is its float search.
+    res = index.query(index._prepare(data.queries), index.resolve_setting({"m": 3, "reorder": 10_000, "reps": 1}), 10)
+    np.testing.assert_array_equal(res.n_candidates, np.take_along_axis(sizes[None, :1], buckets[:, :1], 2).sum((1, 2)))
+    np.testing.assert_array_equal(res.ids, index.search(data.queries, 10, m=3, reps=1)[0])
 
 
 def test_irli_quantized_add_remove_and_errors(irli_index, tmp_path):

@@ -89,6 +89,9 @@ def test_auto_rules_follow_the_data():
     assert (c.model.n_buckets, c.model.n_reps, c.train.max_train_points) == (64, 4, 0)
     assert c.index.pq4_dims == -1 and {s.get("reorder", 0) for s in c.search.settings} == {0, 30, 100, 300}
     assert all(s.get("min_count", 1) == 1 for s in c.search.settings if s.get("reorder"))  # codes rank, no hit count
+    assert (c.partition.init, c.partition.top_k) == ("kmeans", 1)  # k-means starts, each item its first choice
+    assert {s.get("reps", 4) for s in c.search.settings} == {1, 2, 4} and "reps" not in c.search.settings[0]
+    assert all(s.get("min_count", 1) <= s.get("reps", 4) for s in c.search.settings)
     big = synthetic_ann(n_base=200000, n_queries=10, dim=96, n_clusters=10, seed=0)
     c = get_config("lmi", big)
     assert c.model.levels == (512,) and c.model.hidden == ((512,),) and c.train.epochs == 10
@@ -114,6 +117,7 @@ def test_auto_rules_follow_the_data():
     assert c.model.max_leaf == 100 and c.model.cluster_groups == 128  # 16384 clusters: a tree of 128 x 128
     c = get_config("irli", x)
     assert c.model.n_buckets == 64 and c.model.n_reps == 16 and c.partition.top_k == 4
+    assert c.partition.init == "hash" and not any("reps" in s for s in c.search.settings)  # labels: hashed start
     assert c.index.pq4_dims == 0 and not any(s.get("reorder") for s in c.search.settings)  # labels: no codes
     with pytest.raises(ValueError, match="auto preset sizes itself from the data"):
         get_config("lmi")

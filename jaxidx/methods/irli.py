@@ -29,6 +29,7 @@ from jaxidx import search as kernels
 from jaxidx.data.types import ANNData, XMCData
 from jaxidx.data.ann import normalize_rows
 from jaxidx.index import Index, dense_rows, is_int, kernel_metric, n_rows, query_blocks, rows_of_ids, sparse_rows
+from jaxidx.kmeans import kmeans
 from jaxidx.methods.common import SearchResult, input_standardizer, route_topm, standardize, validate_common
 from jaxidx.models.router import RepeatedMLP, affine_head
 from jaxidx.partition import Partition, bucket_stats, hash_assignment
@@ -85,6 +86,8 @@ def validate_config(config, n_items: int) -> None:
         raise ValueError(f"partition.capacity_factor: {p.capacity_factor} < 1 cannot hold all {n_items} items")
     if p.repartition_every < 0:
         raise ValueError(f"partition.repartition_every: must be >= 0, got {p.repartition_every}")
+    if p.init not in ("hash", "kmeans"):
+        raise ValueError(f"partition.init: unknown {p.init!r}; valid: hash, kmeans")
     if m.loss not in ("bce", "softmax"):
         raise ValueError(f"model.loss: unknown {m.loss!r}; valid: bce, softmax")
     pq4.check_config(config)
@@ -97,8 +100,12 @@ def validate_config(config, n_items: int) -> None:
             raise ValueError(f"search.settings: {dict(s)} needs m (buckets probed per repetition)")
         if not 1 <= s["m"] <= m.n_buckets:
             raise ValueError(f"search.settings: m={s['m']} must be in [1, model.n_buckets={m.n_buckets}]")
-        if not 1 <= s.get("min_count", 1) <= m.n_reps:
-            raise ValueError(f"search.settings: min_count={s['min_count']} must be in [1, model.n_reps={m.n_reps}]")
+        reps = s.get("reps", m.n_reps)
+        if not 1 <= reps <= m.n_reps:
+            raise ValueError(f"search.settings: reps={reps} must be in [1, model.n_reps={m.n_reps}]")
+        if not 1 <= s.get("min_count", 1) <= reps:
+            raise ValueError(f"search.settings: min_count={s['min_count']} must be in [1, reps={reps}] (the "
+                             "repetitions searched)")
         if s.get("reorder", 0) and s.get("min_count", 1) > 1:
             raise ValueError(f"search.settings: {dict(s)}: reorder > 0 ranks the routed buckets' members by their "
                              "codes instead of counting hits; min_count must be 1")
@@ -142,6 +149,9 @@ class IRLI:
         validate_config(config, self.n_items)
         if self.task == "xmc" and config.get("index", {}).get("pq4_dims", 0):
             raise ValueError("index.pq4_dims: PQ codes quantize vectors; an XMC index holds labels (set it to 0)")
+        if self.task == "xmc" and config.partition.init != "hash":
+            raise ValueError("partition.init: 'kmeans' clusters base vectors; an XMC index partitions labels "
+                             "(set it to 'hash')")
         self.model = router_model(config, self.n_features)
         self.n_train = n_rows(self.inputs)
         self.batch_size = config.train.batch_size
@@ -156,14 +166,34 @@ class IRLI:
     # --- Trainable -------------------------------------------------------------------------------
     def init(self, rng):
         params = self.model.init(rng, B_.take(self.inputs, np.arange(1)))
-        m = self.config.model
-        aux = {"assign": hash_assignment(self.n_items, m.n_reps, m.n_buckets)}
+        aux = {"assign": self._initial_assignment()}
         if self.task == "ann":
             aux.update(input_center=self.input_center, input_scale=self.input_scale)
         return params, aux
 
     def optimizer(self, total_steps):
         return optax.adam(self.config.train.learning_rate)
+
+    def _initial_assignment(self) -> np.ndarray:
+        """[R, N] buckets the repetitions start from: hashed (`partition.init='hash'`, the paper's), or, for
+        ANN, 'kmeans': each repetition a k-means of the base with its own seed (k-means++ seeds and fitting
+        sample), capped at `capacity_factor` x the mean load, in the space the routers see. From a hashed
+        start the routers do not find clustered data's clusters through re-partitions (synthetic d64,
+        2000 clusters, B 256: one repetition's top bucket held 0.39 of a query's 10 neighbours where
+        k-means' nearest centroid held 0.96); from k-means they start there, and re-partitioning refines
+        the buckets towards what the networks learn (BENCHMARKS.md)."""
+        m, p = self.config.model, self.config.partition
+        if p.init == "hash":
+            return hash_assignment(self.n_items, m.n_reps, m.n_buckets)
+        x = self.data.base
+        if self.data.metric == "euclidean" and m.standardize:
+            x = standardize(x, self.input_center, self.input_scale)
+        return np.stack([kmeans(x, m.n_buckets, n_iter=p.kmeans_iter, spherical=self.data.metric != "euclidean",
+                                sample=p.kmeans_points_per_bucket * m.n_buckets,
+                                init_sample=32 * m.n_buckets, balance=max(1.0, p.capacity_factor) if
+                                p.capacity_factor else 0.0, seed=(self.config.seed * 1_000_003 + r) % 2**31,
+                                mesh=self.mesh).labels
+                         for r in range(m.n_reps)]).astype(np.int32)
 
     def loss(self, params, batch, aux, rng):
         _, logits = self.model.apply(params, batch["x"])
@@ -315,10 +345,15 @@ class IRLIIndex(Index):
     vector: 4 d + 8 + 4 R, as faiss IVF-Flat's 4 d + 8 plus R memberships. Quantized (`quantize`):
     `pq4_codebooks` [M, 16, dims] and `pq4_codes` [N, ceil(M / 2)] (rows as `vectors`), plus, in memory
     only, the codes laid out per repetition's bucket (R ceil(M / 2) bytes per vector, `pq4_blocks`).
+
+    Settings: `m` buckets per repetition, `min_count` hits, `reorder` (the codes' best re-ranked
+    exactly), `reps` (the first reps of the R repetitions searched, default all: each is a partition of
+    every item, so fewer run fewer networks and merge fewer buckets, for more candidates per hit; where a
+    bucket scan costs little against a router, as in low dimensions, that is faster at equal recall).
     """
 
     method = "irli"
-    setting_keys = ("m", "min_count", "mode", "reorder")
+    setting_keys = ("m", "min_count", "mode", "reorder", "reps")
 
     def __init__(self, config, params, arrays, info):
         super().__init__(config, params, arrays, info)
@@ -326,9 +361,8 @@ class IRLIIndex(Index):
         self.model = router_model(self.config, int(self.info["n_features"]))
         m = self.config.model
         self.n_buckets, self.n_reps = m.n_buckets, m.n_reps
-        self._route_fn = partial(route_topm, self.model.apply, kind=m.loss)
-        self._route = jax.jit(self._route_fn, static_argnames="m")
         self.params = jax.device_put(self.params)
+        self._routers = {}  # reps -> (route_fn, its jitted form, params) of the first reps networks
         self._blocks = None  # the PQ codes in the fast-scan kernel's layout (built on first use)
 
     @classmethod
@@ -400,13 +434,18 @@ class IRLIIndex(Index):
         if mode == "mach":
             if self.task != "xmc":
                 raise ValueError("search: mode='mach' scores every label; it is for XMC indexes only")
+            if setting.get("reps", self.n_reps) != self.n_reps:
+                raise ValueError("search: mode='mach' sums all R repetitions' scores; reps must be left out")
             return
-        m, min_count = setting.get("m"), setting.get("min_count", 1)
+        m, min_count, reps = setting.get("m"), setting.get("min_count", 1), setting.get("reps", self.n_reps)
         if not is_int(m) or not 1 <= m <= self.n_buckets:
             raise ValueError(f"search: m={m!r} must be an integer in [1, {self.n_buckets}] (the buckets)")
-        if not is_int(min_count) or not 1 <= min_count <= self.n_reps:
-            raise ValueError(f"search: min_count={min_count!r} must be an integer in [1, {self.n_reps}] "
-                             "(the repetitions)")
+        if not is_int(reps) or not 1 <= reps <= self.n_reps:
+            raise ValueError(f"search: reps={reps!r} must be an integer in [1, {self.n_reps}] (the repetitions "
+                             "searched)")
+        if not is_int(min_count) or not 1 <= min_count <= reps:
+            raise ValueError(f"search: min_count={min_count!r} must be an integer in [1, {reps}] "
+                             "(the repetitions searched)")
         if self.task == "xmc" and setting.get("reorder", 0):
             raise ValueError("search: reorder > 0 scans PQ codes of vectors; an XMC index holds labels")
         if pq4.check_reorder(setting, self.quantized) and min_count > 1:
@@ -427,11 +466,23 @@ class IRLIIndex(Index):
             return B_.densify_rows(x, self.dim) if not self.info["n_features"] else x
         return self.router_input(x)
 
-    def route(self, queries, m: int):
-        """Top-m buckets per repetition and their probabilities, [Q, R, m] each (batched on device)."""
+    def _router(self, reps: int):
+        """(route_fn, jitted route_fn, params) of the first `reps` of the R networks: the partitions of the
+        others are not searched, so neither are their networks run (a setting's `reps`)."""
+        if reps not in self._routers:
+            model = self.model if reps == self.n_reps else self.model.clone(n_reps=reps)
+            params = self.params if reps == self.n_reps else jax.tree.map(lambda a: a[:reps], self.params)
+            fn = partial(route_topm, model.apply, kind=self.config.model.loss)
+            self._routers[reps] = (fn, jax.jit(fn, static_argnames="m"), params)
+        return self._routers[reps]
+
+    def route(self, queries, m: int, reps: int | None = None):
+        """Top-m buckets per repetition and their probabilities, [Q, reps, m] each (batched on device), of
+        the first `reps` repetitions (default all R)."""
+        _, route, params = self._router(self.n_reps if reps is None else reps)
         ids, scores = [], []
         for batch, n in query_blocks(queries, self.config.search.query_batch):
-            i, p = self._route(self.params, self.model_input(batch), m=m)
+            i, p = route(params, self.model_input(batch), m=m)
             ids.append(np.asarray(i)[:n])
             scores.append(np.asarray(p)[:n])
         return np.concatenate(ids), np.concatenate(scores)
@@ -439,10 +490,11 @@ class IRLIIndex(Index):
     def _query(self, queries, setting: dict, k: int) -> SearchResult:
         if setting.get("mode", "topk") == "mach":
             return self._search_mach(queries, k)
-        ids, scores = self.route(queries, setting["m"])
+        reps = setting.get("reps", self.n_reps)
+        ids, scores = self.route(queries, setting["m"], reps)
         min_count = setting.get("min_count", 1)
         n_threads = self.config.search.n_threads
-        members, offsets = self.arrays["members"], self.arrays["offsets"]
+        members, offsets = self.arrays["members"][:reps], self.arrays["offsets"][:reps]
         if self.task == "xmc":
             top, score, _, n_cand = kernels.merge_topk(ids, scores, offsets, members, None, k, min_count, "sum",
                                                        len(self), n_threads)
@@ -452,7 +504,7 @@ class IRLIIndex(Index):
             if reorder < k:
                 raise ValueError(f"search: reorder={reorder} must be at least k={k} (the candidates re-ranked exactly)")
             codes, block_offsets, slots, row_ids = self.pq4_blocks()
-            leaves = (ids + self.n_buckets * np.arange(self.n_reps)[:, None]).reshape(len(ids), -1).astype(np.int32)
+            leaves = (ids + self.n_buckets * np.arange(reps)[:, None]).reshape(len(ids), -1).astype(np.int32)
             rows, dist, n_cand = kernels.pq4_search(queries, self.arrays["vectors"], codes, self.arrays["pq4_codebooks"],
                                                     None, slots, block_offsets, leaves,
                                                     np.diff(slots)[leaves].astype(np.int32), reorder, k, metric,
@@ -466,7 +518,7 @@ class IRLIIndex(Index):
     def shard(self, mesh=None) -> "IRLIIndex":
         self._sharded = ShardedPartition(self._row_buckets(), self.n_buckets, self._item_ids(),
                                            self.arrays.get("vectors"), mesh)
-        self._sharded_params = self._sharded.replicate(self.params)
+        self._sharded_params = {}  # reps -> the first reps networks' params, replicated on the mesh
         return self
 
     def _item_ids(self) -> np.ndarray:
@@ -482,13 +534,16 @@ class IRLIIndex(Index):
             return self._search_mach(queries, k)
         if self._sharded is None:
             self.shard(default_mesh(jax.devices()[:1]))
-        part, m = self._sharded, setting["m"]
+        part, m, reps = self._sharded, setting["m"], setting.get("reps", self.n_reps)
+        route_fn, _, params = self._router(reps)
+        if reps not in self._sharded_params:
+            self._sharded_params[reps] = part.replicate(params)
         ann = self.task == "ann"
-        block = part.block_size(m, self.dim if ann else 4, self.config.search.query_batch)
+        block = part.block_size(m, reps, self.dim if ann else 4, self.config.search.query_batch)
         top, score, n_cand = [], [], []
         for batch, n in query_blocks(queries, block):
-            out = part.search(self._route_fn, self._sharded_params, self.model_input(batch), batch if ann else None,
-                              m=m, min_count=setting.get("min_count", 1), k=k,
+            out = part.search(route_fn, self._sharded_params[reps], self.model_input(batch), batch if ann else None,
+                              m=m, reps=reps, min_count=setting.get("min_count", 1), k=k,
                               metric=kernel_metric(self.metric) if ann else None)
             for acc, a in zip((top, score, n_cand), out):
                 acc.append(np.asarray(a)[:n])

@@ -272,17 +272,19 @@ class ShardedPartition(_ShardedItems):
         self.max_bucket = max([1] + [int(np.bincount(shard.astype(np.int64) * B + row_buckets[r]).max(initial=0))
                                      for r in range(R)])
 
-    def block_size(self, m: int, width: int, largest: int) -> int:
-        """Queries per block: a power of two keeping the hits [block, R m S] x `width` floats under
+    def block_size(self, m: int, reps: int, width: int, largest: int) -> int:
+        """Queries per block: a power of two keeping the hits [block, reps m S] x `width` floats under
         `slab_floats()`, at most `largest`."""
-        fit = max(1, slab_floats() // (self.n_reps * m * self.max_bucket * max(width, 1)))
+        fit = max(1, slab_floats() // (reps * m * self.max_bucket * max(width, 1)))
         return max(1, min(largest, 1 << int(math.log2(fit))))
 
-    def search(self, route_fn, params, x_route, x, *, m: int, min_count: int, k: int, metric: str | None):
+    def search(self, route_fn, params, x_route, x, *, m: int, reps: int, min_count: int, k: int,
+               metric: str | None):
         """One block of queries: (ids [Q, k] int32 (-1 = none), scores [Q, k], n_candidates [Q]). ANN
         (`metric` given): scores are distances of the re-ranked candidates, ascending; XMC (metric None):
-        summed bucket probabilities, descending. route_fn(params, x_route, m=m) -> (bucket ids, probs) [Q, R, m]."""
-        fn = _partition_fn(self.mesh, self.axes, route_fn, m, min_count, k, metric, self.max_bucket)
+        summed bucket probabilities, descending. route_fn(params, x_route, m=m) -> (bucket ids, probs)
+        [Q, reps, m] of the first `reps` repetitions, whose partitions are searched."""
+        fn = _partition_fn(self.mesh, self.axes, route_fn, m, reps, min_count, k, metric, self.max_bucket)
         x_route = self.replicate(x_route)
         if metric is None:
             return fn(params, x_route, self.arrays["offsets"], self.arrays["members"], self.arrays["ids"])
@@ -291,11 +293,11 @@ class ShardedPartition(_ShardedItems):
 
 
 @functools.lru_cache(maxsize=64)
-def _partition_fn(mesh, axes, route_fn, m, min_count, k, metric, max_bucket):
+def _partition_fn(mesh, axes, route_fn, m, reps, min_count, k, metric, max_bucket):
     from jaxidx.search.device import _accumulate, _zero_to_plus
 
     def local(params, x_route, offsets, members, ids, vectors=None, x=None):
-        offsets, members, ids = offsets[0], members[0], ids[0]
+        offsets, members, ids = offsets[0, :reps], members[0, :reps], ids[0]
         vectors = None if vectors is None else vectors[0]
         bucket_ids, probs = route_fn(params, x_route, m=m)
         item, count, score = _accumulate(bucket_ids, probs, offsets, members, None, "sum", max_bucket)
