@@ -17,15 +17,14 @@ from jaxidx.search.sharded import ShardedLayout, runs_to_rows
 
 LMI_SETTINGS = [{"n_probe": 1}, {"n_probe": 5}, {"n_probe": 5, "max_candidates": 300},
                 {"n_probe": 3, "route": "centroids"}]
-IRLI_SETTINGS = [{"m": 1, "min_count": 1}, {"m": 4, "min_count": 2}, {"m": 3}, {"m": 3, "reps": 1}]
+IRLI_SETTINGS = [{"m": 1, "min_count": 1}, {"m": 4, "min_count": 2}, {"m": 3}]
 SPEC = "synthetic-ann:n=3000,q=100,d=13,clusters=30,metric={},seed=4"
 XMC_SPEC = "synthetic-xmc:n=800,test=60,features=300,labels=400,seed=1"
 CASES = {  # name: (preset, data spec, settings, overrides) of the indexes that shard
     "lmi-euclidean": ("lmi:tiny", SPEC.format("euclidean"), LMI_SETTINGS, {"kmeans__balance": 2.0}),
     "lmi-angular": ("lmi:tiny", SPEC.format("angular"), LMI_SETTINGS, {"kmeans__balance": 2.0}),
     "irli-euclidean": ("irli:tiny", SPEC.format("euclidean"), IRLI_SETTINGS, {"train__epochs": 2}),
-    "irli-xmc": ("irli:tiny-xmc", XMC_SPEC, [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2},
-                                                {"m": 4, "min_count": 2, "reps": 2}], {"train__epochs": 2}),
+    "irli-xmc": ("irli:tiny-xmc", XMC_SPEC, [{"m": 2, "min_count": 1}, {"m": 4, "min_count": 2}], {"train__epochs": 2}),
     "elias": ("elias:tiny", XMC_SPEC, [{}, {"beam": 2, "shortlist": 5}, {"beam": 8, "shortlist": 100}], {}),
 }
 
@@ -75,6 +74,14 @@ def test_device_backend_equals_host(saved):
                                                   10).n_candidates)
     with pytest.raises(ValueError, match="backend"):
         index.search(queries, 10, backend="gpu")
+
+
+def test_irli_first_repetitions_on_the_device_equal_host(all_saved):
+    """A setting's reps (the first repetitions' networks and buckets) on the device, ANN and XMC."""
+    for name, setting in (("irli-euclidean", {"m": 3, "reps": 1}), ("irli-xmc", {"m": 4, "min_count": 2, "reps": 2})):
+        path, data, _ = all_saved[name]
+        index = jaxidx.load(path)
+        assert _results(index, data, [setting], "device") == _results(index, data, [setting], "host")
 
 
 def test_device_layout_follows_add_and_remove(saved):
