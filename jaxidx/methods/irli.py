@@ -137,9 +137,7 @@ class IRLI:
                 """Each training point's k true neighbours among the base (itself included). Euclidean
                 neighbours are found among the standardised vectors (the same neighbours, fewer float
                 cancellations at large magnitudes); inner-product ones among the raw vectors."""
-                base = data.base
-                if data.metric == "euclidean" and config.model.standardize:
-                    base = standardize(base, self.input_center, self.input_scale)
+                base = self._euclidean_base()
                 return B_.pad_label_lists(knn_labels(base[rows], base, config.train.knn_k, data.metric),
                                           config.train.knn_k)
             self._labels = labels
@@ -174,6 +172,14 @@ class IRLI:
     def optimizer(self, total_steps):
         return optax.adam(self.config.train.learning_rate)
 
+    def _euclidean_base(self) -> np.ndarray:
+        """The ANN base where distances are taken during training (neighbour labels, k-means start):
+        euclidean data in the routers' standardised space (the same neighbours and clusters, fewer float
+        cancellations at large magnitudes), other metrics as is. Built per call, not kept."""
+        if self.data.metric == "euclidean" and self.config.model.standardize:
+            return standardize(self.data.base, self.input_center, self.input_scale)
+        return self.data.base
+
     def _initial_assignment(self) -> np.ndarray:
         """[R, N] buckets the repetitions start from: hashed (`partition.init='hash'`, the paper's), or, for
         ANN, 'kmeans': each repetition a k-means of the base with its own seed (k-means++ seeds and fitting
@@ -185,9 +191,7 @@ class IRLI:
         m, p = self.config.model, self.config.partition
         if p.init == "hash":
             return hash_assignment(self.n_items, m.n_reps, m.n_buckets)
-        x = self.data.base
-        if self.data.metric == "euclidean" and m.standardize:
-            x = standardize(x, self.input_center, self.input_scale)
+        x = self._euclidean_base()
         return np.stack([kmeans(x, m.n_buckets, n_iter=p.kmeans_iter, spherical=self.data.metric != "euclidean",
                                 sample=p.kmeans_points_per_bucket * m.n_buckets,
                                 init_sample=32 * m.n_buckets, balance=max(1.0, p.capacity_factor) if
